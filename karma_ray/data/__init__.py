@@ -1,0 +1,1 @@
+"""Data layer: Arrow schemas and validation, dataset sources (MovieLens, synthetic), splits, preparation."""

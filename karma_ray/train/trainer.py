@@ -1,0 +1,121 @@
+"""Build and run the Ray Train `TorchTrainer` (Train V2), with a live progress bar on the driver.
+
+Workers report through `ray.train.report`; a controller-side `UserCallback` forwards each report to
+a tiny `ProgressTracker` actor, which the driver polls to draw the bar. Distribution lives here and
+in the loop, never in the model.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm.auto import tqdm
+
+from karma_ray.config import KarmaConfig
+from karma_ray.data.pipeline import build_train_dataset, count_train_rows
+from karma_ray.train.loop import train_loop_per_worker
+
+
+@ray.remote(num_cpus=0)
+class ProgressTracker:
+    """Holds the latest rank-0 metrics so the driver can show them."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def update(self, metrics: dict[str, Any]) -> None:
+        self.latest = metrics
+        self.history.append(metrics)
+
+    def get(self) -> dict[str, Any]:
+        return self.latest
+
+    def get_history(self) -> list[dict[str, Any]]:
+        return self.history
+
+
+class ProgressCallback(UserCallback):
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics:
+            self.tracker.update.remote(metrics[0])
+
+
+def scaling_config(cfg: KarmaConfig) -> ScalingConfig:
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources)
+
+
+def storage_path(cfg: KarmaConfig) -> str:
+    """Ray Train wants an absolute path or a URI (s3://, gs://…)."""
+    p = cfg.train.storage_path
+    return p if "://" in p else str(Path(p).resolve())
+
+
+def build_trainer(cfg: KarmaConfig, run_name: str, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+    steps_per_epoch = count_train_rows(cfg) // (cfg.train.batch_size * cfg.train.num_workers)
+    if steps_per_epoch < 1:
+        raise ValueError(f"{cfg.data.path}: fewer training rows than one global batch "
+                         f"({cfg.train.batch_size} x {cfg.train.num_workers} workers)")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"karma": cfg.to_dict(), "steps_per_epoch": steps_per_epoch},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={"train": build_train_dataset(cfg)},
+    )
+
+
+def fit(cfg: KarmaConfig, run_name: str, show_progress: bool = True) -> tuple[ray.train.Result, list[dict[str, Any]]]:
+    """Run training to completion; returns the Result and every rank-0 report (for plots/manifests)."""
+    tracker = ProgressTracker.remote()
+    trainer = build_trainer(cfg, run_name, callbacks=[ProgressCallback(tracker)])
+    box: dict[str, Any] = {}
+
+    def _fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the driver thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=_fit, daemon=True)
+    thread.start()
+    bar = tqdm(total=cfg.train.max_steps, desc=f"train {run_name}", unit="step", disable=not show_progress)
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        m = ray.get(tracker.get.remote())
+        if m:
+            bar.n = int(m.get("step", 0))
+            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "act", "gen", "rec") if k in m}, refresh=False)
+            bar.refresh()
+    bar.close()
+    history = ray.get(tracker.get_history.remote())
+    ray.kill(tracker)
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    if result.error:
+        raise result.error
+    return result, history
+
+
+def run_name_for(cfg: KarmaConfig) -> str:
+    return f"{cfg.train.name}-{time.strftime('%Y%m%d-%H%M%S')}"
