@@ -192,12 +192,12 @@ def _demo() -> KarmaConfig:
     # and still trains in a couple of minutes on 2 CPU cores.
     return KarmaConfig(
         preset="demo",
-        data=DataConfig(dataset="synthetic", path="data/demo", n_items=1000, n_users=300, history_items=5,
-                        max_negatives=3, max_prompt_tokens=128, max_item_tokens=20, max_target_tokens=20),
+        data=DataConfig(dataset="synthetic", path="data/demo", n_items=1000, n_users=300, history_items=4,
+                        max_negatives=3, max_prompt_tokens=112, max_item_tokens=20, max_target_tokens=20),
         model=ModelConfig(backbone="smollm2-135m", num_layers=4, emb_dim=128, prefix_tokens=4),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
-        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=8, max_steps=40, warmup_steps=5, log_every=5,
-                          checkpoint_every=20, lr=1e-4, name="demo"),
+        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=8, max_steps=30, warmup_steps=5, log_every=5,
+                          checkpoint_every=15, lr=1e-4, name="demo"),
         index=IndexConfig(kind="flat"),
     )
 
@@ -206,12 +206,12 @@ def _ml100k() -> KarmaConfig:
     # MovieLens-100K, SmolLM2 cut to 6 layers: the CPU budget of the quality benchmark.
     return KarmaConfig(
         preset="ml100k",
-        data=DataConfig(dataset="movielens", path="data/ml100k", history_items=10, max_negatives=4,
-                        max_prompt_tokens=192, max_item_tokens=20, max_target_tokens=20),
+        data=DataConfig(dataset="movielens", path="data/ml100k", history_items=8, max_negatives=4,
+                        max_prompt_tokens=160, max_item_tokens=20, max_target_tokens=20),
         model=ModelConfig(backbone="smollm2-135m", num_layers=6, emb_dim=128, prefix_tokens=4),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
-        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=300, warmup_steps=20, log_every=10,
-                          checkpoint_every=100, lr=1e-4, name="ml100k"),
+        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=120, warmup_steps=10, log_every=10,
+                          checkpoint_every=40, lr=1e-4, name="ml100k"),
         index=IndexConfig(kind="flat"),
     )
 
