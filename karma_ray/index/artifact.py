@@ -21,6 +21,7 @@ from karma_ray.eval.retrieval import exclude_and_cut, retrieval_metrics, target_
 from karma_ray.index.build import build_faiss, embed_interests, embed_items, point_latest, write_artifact
 from karma_ray.models.karma import KarmaModel, build_model
 
+EXPORT_EVAL_EVENTS = 1000  # per split: a quick HR/NDCG for the manifest, not the full evaluation protocol
 REQUIRED_FILES = ("manifest.json", "encoder/config.json", "heads.safetensors", "karma_model.json",
                   "items.parquet", "item_emb.npy", "index.faiss")
 
@@ -79,6 +80,14 @@ def evaluate_split(model: KarmaModel, builder: PromptBuilder, index: faiss.Index
     return retrieval_metrics(target_ranks(topk, events.column("target").to_numpy()), ks, prefix)
 
 
+def _sample(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """A seeded random subset of at most n rows (the manifest's quick metrics, not the paper's table)."""
+    if table.num_rows <= n:
+        return table
+    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
+    return table.take(pa.array(rows))
+
+
 def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str, train_metrics: dict[str, Any],
                     show_progress: bool = True) -> Path:
     """Checkpoint → artifacts/<run>/ with encoder, heads, item embeddings, FAISS index and manifest."""
@@ -96,8 +105,8 @@ def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str,
         for split in ("test", "test_cold"):
             path = data_dir / f"{split}.parquet"
             if path.exists():
-                metrics.update(evaluate_split(model, builder, index, read_table(path, EVENTS_SCHEMA, split),
-                                              prefix=f"{split}/"))
+                events = _sample(read_table(path, EVENTS_SCHEMA, split), EXPORT_EVAL_EVENTS, cfg.data.seed)
+                metrics.update(evaluate_split(model, builder, index, events, prefix=f"{split}/"))
     meta_path = data_dir / "meta.json"
     data_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     out = Path(cfg.train.artifacts_dir).resolve() / run_name
