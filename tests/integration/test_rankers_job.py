@@ -1,0 +1,47 @@
+"""The ranker job end to end on a tiny artifact trained with real Ray Train (session Ray fixture)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from karma_ray.models.rankers import load_rankers
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rankers_artifact(tiny_cfg, ray_cluster, tmp_path_factory):
+    """A tiny KARMA artifact in its own artifacts dir, so other tests' `latest` link is untouched."""
+    from karma_ray.train.run import run
+
+    root = tmp_path_factory.mktemp("rankers")
+    cfg = tiny_cfg.with_overrides([f"train.artifacts_dir={root / 'artifacts'}", f"train.storage_path={root / 'runs'}"])
+    return run(cfg, run_name="rankers-tiny", show_progress=False)
+
+
+def test_train_rankers_reports_saves_and_reloads(rankers_artifact):
+    from karma_ray.train.rankers import RankerTrainConfig, train_rankers
+
+    before = json.loads((rankers_artifact / "manifest.json").read_text())
+    cfg = RankerTrainConfig(epochs=1, recall_n=50, prerank_k=10)  # 200 items: keep recall non-trivial
+    out = train_rankers(rankers_artifact, show_progress=False, config=cfg)
+    m = out["rankers"]
+
+    for key in ("recall_hr@50", "recall_hr@10", "prerank_hr@10", "rank_auc", "rank_gauc"):
+        assert 0.0 <= m[key] <= 1.0 and math.isfinite(m[key]), key
+    assert m["prerank_hr@10"] <= m["recall_hr@50"]  # the pre-ranker only reorders recall's candidates
+    assert m["n_test_events"] > 0 and m["n_test_impressions"] > 0 and m["n_train_impressions"] > 0
+
+    after = json.loads((rankers_artifact / "manifest.json").read_text())
+    assert after["rankers"]["rank_auc"] == m["rank_auc"]
+    assert {k: v for k, v in after.items() if k != "rankers"} == before  # other keys untouched
+
+    bundle = load_rankers(rankers_artifact)
+    assert bundle is not None and bundle.meta["metrics"]["rank_auc"] == m["rank_auc"]
+    emb = np.load(rankers_artifact / "item_emb.npy")
+    rows = np.arange(20)
+    s = bundle.rank_scores(emb[0], emb[rows], rows, [1, 2, 3])
+    assert s.shape == (20,) and np.isfinite(s).all()
