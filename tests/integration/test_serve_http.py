@@ -1,0 +1,175 @@
+"""The search service over real HTTP: serve_configs/search.yaml on the session's local Ray.
+
+The app is deployed from the YAML (its replica CPUs, autoscaling, queue limits and batching apply),
+with the artifact and HTTP port swapped for a tiny artifact and a free port.
+
+The tiny artifact is written by the real export path (`export_artifact`: encoder, heads, items,
+item_emb, FAISS index, manifest) from the `tiny` preset's untrained weights, which keeps this module
+well under a minute; set KARMA_SERVE_TEST_TRAIN=1 to train it with `karma_ray.train.run.run` instead.
+No wall-clock assertions.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
+    if os.environ.get("KARMA_SERVE_TEST_TRAIN") == "1":
+        from karma_ray.train.run import run
+
+        return run(tiny_cfg, run_name="serve-test", show_progress=False)
+    from safetensors.torch import save_model
+
+    from karma_ray.index.artifact import export_artifact
+    from karma_ray.models.karma import build_model
+
+    model, _ = build_model(tiny_cfg.model, tiny_cfg.loss)
+    ckpt = tmp_path_factory.mktemp("serve-ckpt")
+    save_model(model, str(ckpt / "model.safetensors"))
+    return export_artifact(tiny_cfg, ckpt, "serve-test", {"train": {}}, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_artifact, ray_cluster):
+    from ray import serve
+
+    from karma_ray.serve.app import deploy_config, load_config
+
+    cfg = load_config(REPO_ROOT / "serve_configs" / "search.yaml", artifact=str(tiny_artifact), http_port=_free_port(),
+                      overrides={"InterestEncoder": {"user_config": {"torch_threads": 1}}})
+    try:
+        yield deploy_config(cfg, timeout_s=240)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def catalogue(tiny_artifact) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(tiny_artifact / "items.parquet").column("item_id").to_pylist()
+
+
+def test_search_returns_k_items_with_stages_latency_and_version(client, catalogue):
+    history = catalogue[:3]
+    r = client.post("/search", json={"user_id": 1, "query": "running shoes", "history": history, "k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 7
+    ids = [it["item_id"] for it in body["items"]]
+    assert len(set(ids)) == 7 and not set(ids) & set(history) and set(ids) <= set(catalogue)
+    assert all(isinstance(it["title"], str) and it["title"] for it in body["items"])
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    st = body["stages"]
+    assert st["recall"] == min(200, len(catalogue) - len(history)) and st["prerank"] == 50 and st["rank"] == 7
+    assert set(body["latency_ms"]) == {"encode", "recall", "prerank", "rank", "total"}
+    assert all(v >= 0 for v in body["latency_ms"].values())
+    assert body["model_version"] == "serve-test" and body["ignored_history"] == []
+    assert body["rankers"] in (True, False)
+
+
+def test_search_defaults_to_20_and_takes_query_only(client):
+    r = client.post("/search", json={"query": "garden hose"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 20
+
+
+def test_concurrent_searches_agree(client, catalogue):
+    """A burst goes through the batching encoder; equal requests get equal answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    req = {"history": catalogue[5:9], "k": 5}
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: client.post("/search", json=req), range(16)))
+    assert all(o.status_code == 200 for o in outs)
+    first = [i["item_id"] for i in outs[0].json()["items"]]
+    assert all([i["item_id"] for i in o.json()["items"]] == first for o in outs)
+
+
+def test_unknown_history_ids_are_dropped_and_reported(client, catalogue):
+    unknown = max(catalogue) + 1000
+    r = client.post("/search", json={"history": [catalogue[0], unknown, catalogue[1]], "k": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["ignored_history"] == [unknown]
+    r = client.post("/search", json={"query": "lamp", "history": [unknown], "k": 3})
+    assert r.status_code == 200 and r.json()["ignored_history"] == [unknown]
+    r = client.post("/search", json={"history": [unknown, unknown + 1]})
+    assert r.status_code == 422
+    assert "none of the history item ids are in the catalogue" in r.json()["error"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"query": "x", "k": 0}, "k"),
+    ({"query": "x", "k": 500}, "k"),
+    ({"query": "x", "k": "five"}, "k"),
+    ({"query": "x", "k": "5"}, "k"),
+    ({"query": ["x"]}, "query"),
+    ({"history": ["a", "b"]}, "history"),
+    ({"history": "1,2,3"}, "history"),
+    ({"history": list(range(201))}, "history"),
+    ({}, "query"),
+    ([1, 2], "body"),
+])
+def test_validation_errors_are_422_with_clear_messages(client, body, field):
+    r = client.post("/search", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["error"].startswith("invalid request:") and field in err["error"]
+    assert "Traceback" not in r.text
+    assert len(r.content) < 4000  # the oversized input is not echoed back
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/search", content=b'{"query": "x", "k": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "malformed JSON" in r.json()["error"]
+
+
+def test_explain_returns_text(client, catalogue):
+    r = client.post("/explain", json={"query": "shoes", "history": catalogue[:2] + [max(catalogue) + 7]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["text"], str) and body["model_version"] == "serve-test"
+    assert body["ignored_history"] == [max(catalogue) + 7]
+    assert client.post("/explain", json={"k": 3}).status_code == 422
+
+
+def test_healthz_and_openapi(client, catalogue):
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["model_version"] == "serve-test" and body["n_items"] == len(catalogue)
+    assert isinstance(body["rankers"], bool)
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/explain", "/healthz"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_replica_counts_from_yaml(base_url):
+    from karma_ray.serve.app import DEPLOYMENTS, replica_counts
+
+    counts = replica_counts()
+    assert set(counts) == set(DEPLOYMENTS) and all(n >= 1 for n in counts.values())

@@ -1,0 +1,255 @@
+"""Pure pieces of the search service: request schemas, recall exclusion, row mapping, error mapping.
+
+No Ray cluster and no model: FAISS, numpy and pyarrow on toy data.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from karma_ray.data.prompts import UnknownItemError
+from karma_ray.serve.catalog import Catalog, stage_scores, top_by_score
+from karma_ray.serve.ingress import RequestError, SearchPipeline, respond
+from karma_ray.serve.recall import recall_topn
+from karma_ray.serve.schemas import MAX_HISTORY, MAX_K, SearchRequest
+
+
+# ---- schemas ---------------------------------------------------------------------------------
+def test_search_request_defaults_and_limits():
+    r = SearchRequest.model_validate({"query": "shoes"})
+    assert r.k == 20 and r.history == [] and r.user_id is None
+    SearchRequest.model_validate({"history": [1] * MAX_HISTORY, "k": MAX_K})
+    SearchRequest.model_validate({"history": [3], "k": 1})
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"query": "x", "k": 0}, "k"),
+    ({"query": "x", "k": MAX_K + 1}, "k"),
+    ({"query": "x", "k": "5"}, "k"),  # strict: no string → int coercion
+    ({"query": "x", "k": 5.0}, "k"),
+    ({"query": "x", "k": True}, "k"),
+    ({"query": 42}, "query"),
+    ({"query": "x" * 513}, "query"),
+    ({"history": ["a"]}, "history"),
+    ({"history": 7}, "history"),
+    ({"history": [1] * (MAX_HISTORY + 1)}, "history"),
+    ({"query": "x", "user_id": "u1"}, "user_id"),
+])
+def test_search_request_rejects(body, field):
+    with pytest.raises(ValidationError) as e:
+        SearchRequest.model_validate(body)
+    assert any(field in map(str, err["loc"]) for err in e.value.errors())
+
+
+@pytest.mark.parametrize("body", [{}, {"query": "   "}, {"query": "", "history": []}, {"query": None}])
+def test_search_request_needs_query_or_history(body):
+    with pytest.raises(ValidationError, match="non-empty `query` or a non-empty `history`"):
+        SearchRequest.model_validate(body)
+
+
+# ---- recall ----------------------------------------------------------------------------------
+def _index(emb: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    idx = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.shape[1]))
+    idx.add_with_ids(emb.astype(np.float32), ids.astype(np.int64))
+    return idx
+
+
+def test_recall_excludes_history_and_still_returns_n():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = np.arange(1000, 1050)
+    idx = _index(emb, ids)
+    h = emb[3]
+    top, _ = recall_topn(idx, h, [], 10)
+    assert top[0] == 1003
+    exclude = top[:5].tolist() + [999999]  # also an id that is not in the index
+    got, scores = recall_topn(idx, h, exclude, 10)
+    assert len(got) == 10 and not set(got) & set(exclude)
+    assert np.all(np.diff(scores) <= 1e-6)
+    np.testing.assert_allclose(scores, emb[got - 1000] @ h, rtol=1e-5, atol=1e-6)
+
+
+def test_recall_caps_at_catalogue_size():
+    emb = np.eye(4, dtype=np.float32)
+    got, _ = recall_topn(_index(emb, np.array([1, 2, 3, 4])), emb[0], [1], 200)
+    assert sorted(got.tolist()) == [2, 3, 4]
+    assert len(recall_topn(_index(emb, np.array([1, 2, 3, 4])), emb[0], [], 0)[0]) == 0
+
+
+# ---- catalogue rows (items.parquet order, not id order) --------------------------------------
+@pytest.fixture()
+def toy_artifact(tmp_path):
+    ids = np.array([30, 10, 20, 40], np.int64)  # deliberately not sorted
+    emb = np.eye(4, dtype=np.float32)[[2, 0, 1, 3]]  # row i of item_emb ↔ items.parquet row i
+    pq.write_table(pa.table({"item_id": ids, "title": [f"t{i}" for i in ids], "category": ["c"] * 4,
+                             "attributes": [""] * 4}), tmp_path / "items.parquet")
+    np.save(tmp_path / "item_emb.npy", emb, allow_pickle=False)
+    faiss.write_index(_index(emb, ids), str(tmp_path / "index.faiss"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_name": "toy-run"}))
+    return tmp_path
+
+
+def test_catalog_rows_follow_items_parquet(toy_artifact):
+    cat = Catalog.load(toy_artifact)
+    assert cat.version == "toy-run" and len(cat) == 4
+    assert cat.rows_of([30, 10, 40]).tolist() == [0, 1, 3]
+    assert cat.title_of([20]) == ["t20"]
+    np.testing.assert_array_equal(cat.item_emb[cat.rows_of([20])[0]], np.eye(4, dtype=np.float32)[1])
+    assert cat.split_known([10, 5, 40, 5]) == ([10, 40], [5, 5])
+    with pytest.raises(UnknownItemError):
+        cat.rows_of([10, 11])
+
+
+class _Bundle:
+    """Records what a RankerBundle receives; scores = minus the row index (so row order wins)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prerank_scores(self, h, cand_emb, cand_rows, history_rows):
+        self.calls.append((h.shape, cand_emb.copy(), cand_rows.copy(), history_rows))
+        return -cand_rows.astype(np.float32)
+
+    rank_scores = prerank_scores
+
+
+def test_stage_scores_fallback_is_recall_score(toy_artifact):
+    cat = Catalog.load(toy_artifact)
+    h = np.array([0.1, 0.2, 0.7, 0.0], np.float32)
+    ids = np.array([40, 30, 10])
+    s = stage_scores(None, "prerank", cat, h, ids, [20])
+    np.testing.assert_allclose(s, cat.item_emb[cat.rows_of(ids)] @ h)
+    top, top_s = top_by_score(ids, s, 2)
+    assert top.tolist() == [30, 10] and top_s[0] >= top_s[1]
+
+
+def test_stage_scores_passes_consistent_rows_to_rankers(toy_artifact):
+    cat = Catalog.load(toy_artifact)
+    b = _Bundle()
+    h = np.ones(4, np.float32)
+    s = stage_scores(b, "rank", cat, h, np.array([40, 10]), [20, 30])
+    (hshape, emb, rows, hist), = b.calls
+    assert hshape == (1, 4) and rows.tolist() == [[3, 1]] and hist == [[2, 0]]
+    np.testing.assert_array_equal(emb[0], cat.item_emb[[3, 1]])
+    assert s.tolist() == [-3.0, -1.0]
+
+
+# ---- the request pipeline with in-process stages ---------------------------------------------
+class _Local:
+    """handle.method.remote(*a) → awaitable, like a DeploymentHandle."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name):
+        fn = getattr(self._obj, name)
+
+        class _M:
+            @staticmethod
+            async def remote(*a, **kw):
+                out = fn(*a, **kw)
+                return await out if asyncio.iscoroutine(out) else out
+        return _M
+
+
+class _Enc:
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, query, history):
+        self.seen.append((query, list(history)))
+        return np.array([0.1, 0.3, 1.0, 0.2], np.float32)
+
+    def explain(self, query, history):
+        return "Next: something"
+
+
+class _Stage:
+    def __init__(self, cat, idx):
+        self.cat, self.idx = cat, idx
+
+    def search(self, h, exclude, at_least=0):
+        return recall_topn(self.idx, h, exclude, max(3, at_least))
+
+    def score(self, h, ids, history, k):
+        return top_by_score(ids, stage_scores(None, "rank", self.cat, h, ids, history), k)
+
+    def has_rankers(self):
+        return False
+
+
+def _pipeline(toy_artifact):
+    cat = Catalog.load(toy_artifact)
+    stage = _Local(_Stage(cat, faiss.read_index(str(toy_artifact / "index.faiss"))))
+    enc = _Enc()
+    return SearchPipeline(cat, _Local(enc), stage, stage, stage), enc
+
+
+def test_pipeline_drops_unknown_history_and_reports_it(toy_artifact):
+    pipe, enc = _pipeline(toy_artifact)
+    out = asyncio.run(pipe.search(SearchRequest(history=[30, 999, 10, 999], k=2)))
+    assert enc.seen == [("", [30, 10])]
+    assert out.ignored_history == [999]
+    assert [i.item_id for i in out.items] == [20, 40]  # 30 (best) and 10 are history: excluded
+    assert out.stages.rank == 2 and out.model_version == "toy-run" and out.rankers is False
+    assert set(out.latency_ms.model_dump()) == {"encode", "recall", "prerank", "rank", "total"}
+
+
+def test_pipeline_all_unknown_history_without_query_is_422(toy_artifact):
+    pipe, _ = _pipeline(toy_artifact)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(pipe.search(SearchRequest(history=[999, 998])))
+    assert e.value.status == 422 and "999" in e.value.message
+    ok = asyncio.run(pipe.search(SearchRequest(query="shoes", history=[999], k=1)))
+    assert ok.ignored_history == [999] and len(ok.items) == 1
+
+
+class _Counter:
+    def __init__(self):
+        self.counts = []
+
+    def count(self, status, endpoint="search"):
+        self.counts.append((str(status), endpoint))
+
+
+def test_respond_maps_failures_to_json_without_traceback():
+    m = _Counter()
+
+    async def boom():
+        raise RuntimeError("secret internals at /srv/x.py line 3")
+
+    async def busy():
+        raise TimeoutError("queue full")
+
+    r = asyncio.run(respond(boom(), "search", m))
+    body = json.loads(r.body)
+    assert r.status_code == 500 and "internal error" in body["error"]
+    assert "secret" not in r.body.decode() and "Traceback" not in r.body.decode()
+    r = asyncio.run(respond(busy(), "search", m, overload=(TimeoutError,)))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+    async def bad():
+        raise RequestError(422, "nope")
+
+    assert asyncio.run(respond(bad(), "explain", m)).status_code == 422
+    assert m.counts == [("500", "search"), ("503", "search"), ("422", "explain")]
+
+
+def test_silent_stage_becomes_503(toy_artifact):
+    class _Slow(_Enc):
+        async def encode(self, query, history):
+            await asyncio.sleep(5)
+
+    pipe, _ = _pipeline(toy_artifact)
+    pipe.encoder = _Local(_Slow())
+    pipe.stage_timeout_s = 0.05
+    r = asyncio.run(respond(pipe.search(SearchRequest(query="x")), "search", _Counter()))
+    assert r.status_code == 503 and "stage encode did not answer" in json.loads(r.body)["error"]
