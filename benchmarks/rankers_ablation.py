@@ -157,6 +157,14 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"than ~{2 * se:.3f} are not evidence either way.")
     retrieval = [f"- {arm}: encoder test/hr@50 = {_fmt(result['retrieval'][arm].get('test/hr@50'))}"
                  for arm in ("karma", "action_only")]
+    n_items = (result["data"].get("counts") or {}).get("items")
+    if n_items:
+        chance = 50 / n_items
+        retrieval.append(f"- a random ranking would score HR@50 ≈ {chance:.3f}")
+        if all(result["retrieval"][arm].get("test/hr@50", 1.0) <= 1.5 * chance for arm in ("karma", "action_only")):
+            sentence += (" Neither encoder retrieves better than about chance at this budget, so the rankers' "
+                         "scores come from the category/popularity/history features, not from the embeddings: "
+                         "this run checks the pipeline, it says nothing yet about KARMA vs action-only.")
     path.write_text("\n".join([
         "# Rankers: KARMA vs action-only embeddings", "",
         f"Data: `{result['data'].get('dataset')}` ({result['data'].get('path')}), "

@@ -1,7 +1,7 @@
 """Independent autoscaling under step load: serve_configs/search.yaml on a private local Ray.
 
   python benchmarks/serve_autoscale.py                          # artifacts/latest
-  python benchmarks/serve_autoscale.py --steps 2,12,24 --step-seconds 25 --cooldown-seconds 45
+  python benchmarks/serve_autoscale.py --steps 1,6,20 --step-seconds 40 --cooldown-seconds 90
 
 Starts the YAML's app (its autoscaling_config per deployment) on free ports, drives POST /search
 with the open-loop generator of jobs/loadtest.py, samples RUNNING replicas of every deployment once
@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", default=os.environ.get("KARMA_ARTIFACT", str(REPO / "artifacts" / "latest")))
     p.add_argument("--config", default=str(REPO / "serve_configs" / "search.yaml"))
-    p.add_argument("--steps", default="2,12,24", help="target QPS per step")
-    p.add_argument("--step-seconds", type=float, default=25.0)
-    p.add_argument("--cooldown-seconds", type=float, default=45.0, help="idle time after the load (scale-down)")
+    p.add_argument("--steps", default="2,8,16", help="target QPS per step")
+    p.add_argument("--step-seconds", type=float, default=30.0)
+    p.add_argument("--cooldown-seconds", type=float, default=60.0, help="idle time after the load (scale-down)")
     p.add_argument("--timeout", type=float, default=15.0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)

@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                     res[name].append(ms)
                     for s, v in lat.items():
                         stage_ms[name][s].append(v)
+        # the Serve HTTP floor in the same run: GET /healthz goes client → proxy → ingress and back
+        floor = []
+        for _ in range(100):
+            t = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            floor.append((time.perf_counter() - t) * 1000)
         # what the encoder replica itself spent per forward (splits the encode hop into work + overhead)
         from ray import serve
 
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
               "encoder_user_config": user_configs(cfg).get("InterestEncoder", {}),
               "machine": {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
               "rankers": stages["PreRank"].bundle is not None,
-              "encoder_replica": enc_info}
+              "encoder_replica": enc_info,
+              "http_floor_healthz": {"p50_ms": round(pct(floor, 50), 3), "p99_ms": round(pct(floor, 99), 3)}}
     result["met_goal"] = result["ratio_p50"] <= GOAL_P50 and result["ratio_p99"] <= GOAL_P99
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +191,34 @@ def report_md(r: dict) -> str:
     edge = r["serve"]["p50_ms"] - s["total"]
     e = r["encoder_replica"]
     verdict = ("met" if r["met_goal"] else "missed")
+    overhead = r["serve"]["p50_ms"] - r["inprocess"]["p50_ms"]
+    compute_gap = e["forward_p50_ms"] - i["encode"]
+    enc_hop = s["encode"] - e["forward_p50_ms"]
+    light = sum(s[st] - i[st] for st in STAGES[1:])
+    glue = (s["total"] - sum(s[st] for st in STAGES)) - (i["total"] - sum(i[st] for st in STAGES))
+    budget = 0.3 * r["inprocess"]["p50_ms"]
+    budget_md = f"""## Profile: the Serve overhead at p50, by cause
+
+p50s are not additive, so the parts only approximately add up to the {overhead:.1f} ms difference
+(Serve p50 − in-process p50).
+
+| cause | ms | how it was measured |
+|---|---|---|
+| HTTP edge (client → proxy actor → ingress replica, FastAPI parse/serialise, back) | {edge:.1f} | client p50 − ingress-measured pipeline p50 |
+| …of which the bare proxy → ingress round trip | {r['http_floor_healthz']['p50_ms']:.1f} | GET /healthz p50 (no stage calls) |
+| encoder hop without compute (router, gRPC, replica queue, `@serve.batch` queue, reply) | {enc_hop:.1f} | ingress-observed encode − replica-measured forward |
+| encoder forward slower inside the replica than in-process | {compute_gap:+.1f} | replica forward p50 − in-process encode p50 |
+| three sub-millisecond stage hops (recall, prerank, rank) | {light:.1f} | ingress-observed − in-process, summed |
+| ingress work between stages (history check, titles, response objects) | {glue:+.1f} | pipeline total − its stages, Serve vs in-process |
+
+To meet 1.3× at p50 the whole overhead would have to fit in {budget:.1f} ms (0.3 × the in-process p50).
+The fixed part alone here — the /healthz round trip plus four DeploymentHandle hops of about
+{light / 3:.1f} ms each — is about {r['http_floor_healthz']['p50_ms'] + 4 * light / 3:.1f} ms. So on this machine the goal is out of reach
+for a four-deployment chain in front of a {i['encode']:.0f} ms encoder, whatever the knobs; it comes
+within reach when the encoder's work grows relative to the hops (a bigger model or longer prompts,
+batched traffic), or by merging the three light stages into one deployment (saves about
+{2 * light / 3:.1f} ms, but gives up their independent scaling, which the design asks for).
+"""
     return f"""# /search latency: Serve over HTTP vs the same stages in-process
 
 {r['requests']} sequential requests (after {r['warmup']} warm-up), k={r['k']}, artifact `{r['model_version']}`,
@@ -197,7 +232,8 @@ machine: {r['machine']['cpus']} CPUs (1-min load average at the end {r['machine'
 | Serve over HTTP | {r['serve']['p50_ms']:.2f} | {r['serve']['p99_ms']:.2f} | {r['serve']['mean_ms']:.2f} |
 | **ratio** | **{r['ratio_p50']:.2f}×** (goal ≤ {GOAL_P50}×) | **{r['ratio_p99']:.2f}×** (goal ≤ {GOAL_P99}×) | |
 
-Goal {verdict}.
+Goal {verdict}. One run on a shared 2-core machine (load average above): repeated runs here moved
+the p50 ratio between about 1.6× and 2.3× and the p99 ratio between about 1.9× and 2.6×.
 
 ## Where the time goes (p50 per stage, ms)
 
@@ -215,12 +251,15 @@ Inside the encoder replica the tokenise+forward itself took p50 {e['forward_p50_
 non-compute part is about {s['encode'] - e['forward_p50_ms']:.2f} ms at p50 (including the batch wait below).
 
 HTTP edge (client → proxy → ingress replica → back, outside the pipeline): about {edge:.2f} ms at p50
-(client p50 {r['serve']['p50_ms']:.2f} − ingress-measured pipeline p50 {s['total']:.2f}).
+(client p50 {r['serve']['p50_ms']:.2f} − ingress-measured pipeline p50 {s['total']:.2f}). For scale, GET /healthz
+(the same edge with no stage calls) took p50 {r['http_floor_healthz']['p50_ms']:.2f} ms, p99 {r['http_floor_healthz']['p99_ms']:.2f} ms in this run.
 
-The Serve encoder goes through `@serve.batch`, so under this sequential load every request also
-waits `batch_wait_timeout_s` = {r['encoder_user_config'].get('batch_wait_timeout_s', 'default')} s for companions
-that never come; the in-process path calls the same forward directly (`encode_direct`).
-"""
+The Serve encoder goes through `@serve.batch` (`batch_wait_timeout_s` =
+{r['encoder_user_config'].get('batch_wait_timeout_s', 'default')} s, so a lone request waits no longer than that for
+companions); the in-process path calls the same forward directly (`encode_direct`), since
+`@serve.batch` refuses to run outside a replica in Ray 2.60.
+
+{budget_md}"""
 
 
 if __name__ == "__main__":

@@ -95,18 +95,24 @@ class Catalog:
         return [self.titles[r] for r in self.rows_of(ids)]
 
 
+RANKER_FILES = ("rankers.json", "rankers.safetensors")  # karma_ray.models.rankers META_FILE / WEIGHTS_FILE
+
+
 def load_ranker_bundle(artifact: str | Path) -> tuple[Any, str]:
     """(RankerBundle or None, reason). None when the rankers module or trained rankers are absent.
 
     A rankers module that exists but fails to load is an error, not a silent fallback.
     """
+    art = resolve_artifact(artifact)
+    if not any((art / f).exists() for f in RANKER_FILES):  # skip importing torch in replicas that won't use it
+        return None, "no trained rankers in the artifact (run jobs/train_rankers.py); using the recall score h·e"
     try:
         from karma_ray.models.rankers import load_rankers
     except ModuleNotFoundError as e:
         if e.name not in ("karma_ray.models.rankers",):
             raise
         return None, "karma_ray.models.rankers is not installed; using the recall score h·e"
-    bundle = load_rankers(resolve_artifact(artifact))
+    bundle = load_rankers(art)
     if bundle is None:
         return None, "no trained rankers in the artifact (run jobs/train_rankers.py); using the recall score h·e"
     return bundle, "trained rankers loaded"

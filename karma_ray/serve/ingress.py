@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from ray import serve
 
 from karma_ray.serve.schemas import (
@@ -102,9 +103,10 @@ class SearchPipeline:
         except asyncio.TimeoutError:
             raise StageTimeout(f"stage {stage} did not answer within {self.stage_timeout_s:g} s") from None
 
-    async def _timed(self, stage: str, lat: dict[str, float], call) -> Any:
+    async def _timed(self, stage: str, lat: dict[str, float], make_call) -> Any:
+        """Await `make_call()` (a handle call) and record its wall time, submission included."""
         t0 = time.perf_counter()
-        out = await self._call(stage, call)
+        out = await self._call(stage, make_call())
         lat[stage] = _ms(t0)
         if self.metrics is not None:
             self.metrics.observe_stage(stage, lat[stage])
@@ -122,13 +124,13 @@ class SearchPipeline:
         history, ignored = self._history(req)
         lat: dict[str, float] = {}
         query = req.clean_query
-        h = await self._timed("encode", lat, self.encoder.encode.remote(query, history))
+        h = await self._timed("encode", lat, lambda: self.encoder.encode.remote(query, history))
         h = np.asarray(h, dtype=np.float32)
-        ids, _ = await self._timed("recall", lat, self.recall.search.remote(h, history, req.k))
+        ids, _ = await self._timed("recall", lat, lambda: self.recall.search.remote(h, history, req.k))
         n_recall = len(ids)
-        ids, _ = await self._timed("prerank", lat, self.prerank.score.remote(h, ids, history, req.k))
+        ids, _ = await self._timed("prerank", lat, lambda: self.prerank.score.remote(h, ids, history, req.k))
         n_prerank = len(ids)
-        ids, scores = await self._timed("rank", lat, self.rank.score.remote(h, ids, history, req.k))
+        ids, scores = await self._timed("rank", lat, lambda: self.rank.score.remote(h, ids, history, req.k))
         titles = self.catalog.title_of(ids)
         items = [SearchItem(item_id=int(i), title=t, score=float(s)) for i, t, s in zip(ids, titles, scores)]
         rankers = await self.rankers()
@@ -195,6 +197,8 @@ async def respond(call, endpoint: str, metrics=None, overload: tuple[type, ...] 
     try:
         out = await call
         status = 200
+        if isinstance(out, BaseModel):  # serialise once with pydantic-core; FastAPI would re-validate
+            out = Response(out.model_dump_json(), media_type="application/json")
     except RequestError as e:
         status, out = e.status, JSONResponse({"error": e.message}, status_code=e.status)
     except StageTimeout as e:
@@ -230,7 +234,7 @@ class SearchIngress:
                                        self.metrics)
         self._overload = _overload_types()
 
-    def reconfigure(self, cfg: dict[str, Any]) -> None:
+    async def reconfigure(self, cfg: dict[str, Any]) -> None:  # async: handle.options() wants the event loop
         """user_config:
           stage_timeout_s   per-hop wait before answering 503 (unset: no per-hop limit);
           handle_transport  "actor" (Ray actor calls, Serve's default) or "grpc" (Serve's

@@ -253,3 +253,12 @@ def test_silent_stage_becomes_503(toy_artifact):
     pipe.stage_timeout_s = 0.05
     r = asyncio.run(respond(pipe.search(SearchRequest(query="x")), "search", _Counter()))
     assert r.status_code == 503 and "stage encode did not answer" in json.loads(r.body)["error"]
+
+
+def test_ranker_file_names_match_the_rankers_module(toy_artifact):
+    from karma_ray.models import rankers
+    from karma_ray.serve.catalog import RANKER_FILES, load_ranker_bundle
+
+    assert set(RANKER_FILES) == {rankers.META_FILE, rankers.WEIGHTS_FILE}
+    bundle, reason = load_ranker_bundle(toy_artifact)
+    assert bundle is None and "no trained rankers" in reason
