@@ -33,6 +33,24 @@ def load_items(data_dir: str | Path, image_dim: int = 0) -> pa.Table:
     return read_table(Path(data_dir) / "items.parquet", items_schema(image_dim), "items")
 
 
+def click_log_share(data_dir: str | Path, item_ids: np.ndarray) -> np.ndarray:
+    """log q_i: each catalogue item's share of training clicks, add-one smoothed (cold items get the floor).
+
+    L_act's in-batch negatives are the batch's clicked targets, so they are drawn with probability q;
+    the loss subtracts log q to undo that sampling bias. Reads only the `target` column.
+    """
+    import pyarrow.dataset as pads
+
+    targets = pads.dataset(str(train_events_path(data_dir)), format="parquet").to_table(columns=["target"])
+    ids, counts = np.unique(targets.column("target").to_numpy(), return_counts=True)
+    item_ids = np.asarray(item_ids, np.int64)
+    per_item = np.zeros(len(item_ids), np.float64)
+    pos = np.searchsorted(item_ids, ids)
+    ok = (pos < len(item_ids)) & (item_ids[np.minimum(pos, len(item_ids) - 1)] == ids)
+    per_item[pos[ok]] = counts[ok]
+    return np.log((per_item + 1.0) / (per_item.sum() + len(item_ids))).astype(np.float32)
+
+
 class TokenizeEvents:
     """Ray Data callable class: validates a batch of events, then builds KarmaModel inputs.
 
@@ -46,6 +64,8 @@ class TokenizeEvents:
         cfg = KarmaConfig.from_dict(config)
         items = load_items(data_dir, cfg.model.image_dim)
         self.builder = PromptBuilder(load_tokenizer(cfg.model.backbone), items, cfg.data, cfg.model.image_dim)
+        if cfg.loss.logq_correction:
+            self.builder.item_logq = click_log_share(data_dir, self.builder.item_ids)
         self.with_gen = cfg.loss.lambda_gen > 0
         self.with_rec = cfg.loss.lambda_rec > 0
         self.rejects = RejectReport(table="events", total_rows=0, rejected=0, reasons={}, examples=[])

@@ -3,7 +3,7 @@
 Layout written under `out_dir` (all parquet, zstd):
 
     items.parquet
-    train/part-00000.parquet ...        train events, `rows_per_file` rows per part
+    train/part-00000.parquet ...        train events (seeded random row order), `rows_per_file` rows per part
     valid.parquet test.parquet test_cold.parquet
     impressions/train.parquet impressions/test.parquet
     meta.json                           written last: its presence marks a complete dataset
@@ -143,7 +143,11 @@ def _write_all(out_dir: Path, items: pa.Table, tables: dict[str, pa.Table], meta
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
         _write_parquet(items, stage / "items.parquet")
+        # Stored in a seeded random order: a streamed epoch (Ray Data reads parts in order) is then an
+        # i.i.d. stream without a global shuffle. In user/time order a batch would hold one user's
+        # consecutive clicks, and its in-batch negatives would be that user's own next items.
         train = tables["train"]
+        train = train.take(pa.array(np.random.default_rng(meta["seed"]).permutation(train.num_rows)))
         n_parts = max(1, -(-train.num_rows // rows_per_file))
         for i in range(n_parts):
             _write_parquet(train.slice(i * rows_per_file, rows_per_file), stage / "train" / f"part-{i:05d}.parquet")

@@ -57,6 +57,7 @@ class PromptBuilder:
             flat = items.column("image_emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             self._image = flat.reshape(len(ids), -1).astype(np.float32)[order]
         self._cache: dict[int, list[int]] = {}
+        self.item_logq: np.ndarray | None = None  # log click share per sorted item (training only)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
         self.item_tok = tokenizer.convert_tokens_to_ids("[ITEM]")
@@ -71,6 +72,11 @@ class PromptBuilder:
     @property
     def item_ids(self) -> np.ndarray:
         return self._ids
+
+    @property
+    def decode_prefix(self) -> list[int]:
+        """The "Next: " tokens every L_gen/L_recon target starts with (where decoding from h begins)."""
+        return list(self._next)
 
     def rows_of(self, item_ids: Sequence[int]) -> np.ndarray:
         """Row positions of ids in the sorted catalogue; raises UnknownItemError for any miss."""
@@ -201,6 +207,9 @@ class PromptBuilder:
                     "neg_mask": neg["mask"].reshape(len(targets), N, -1), "neg_pos": neg["pos"].reshape(len(targets), N)})
         if "image" in neg:
             out["neg_image"] = neg["image"].reshape(len(targets), N, -1)
+        if self.item_logq is not None:
+            out["pos_logq"] = self.item_logq[self.rows_of(targets)]
+            out["neg_logq"] = self.item_logq[self.rows_of(flat.tolist())].reshape(len(targets), N)
         if with_rec:
             out.update(self.target_batch(targets))
         return out

@@ -110,11 +110,16 @@ class KarmaModel(nn.Module):
 
     # ---- losses ------------------------------------------------------------------------------
     def action_loss(self, h: torch.Tensor, e_pos: torch.Tensor, e_neg: torch.Tensor, pos_item: torch.Tensor,
-                    neg_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    neg_item: torch.Tensor, pos_logq: torch.Tensor | None = None,
+                    neg_logq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """L_act over each row's hard negatives plus every other item in the batch.
 
         A candidate is a negative for row b when it is a real item whose id differs from b's target,
-        so in-batch copies of the target never count as negatives. Returns (loss, in-batch accuracy).
+        so in-batch copies of the target never count as negatives. With `*_logq` (log of each item's
+        share of training clicks) every candidate's logit is corrected by −log q (Yi et al. 2019):
+        in-batch negatives are drawn in proportion to popularity, and without the correction the
+        loss learns to push popular items down, which is exactly what the test targets are.
+        Returns (loss, in-batch accuracy).
         """
         B, N = neg_item.shape
         pool = torch.cat([e_pos, e_neg.reshape(B * N, -1)])  # (M, emb), M = B + B·N
@@ -123,6 +128,9 @@ class KarmaModel(nn.Module):
         scale = self.log_inv_tau.exp().clamp(max=100.0)
         s_pos = (h * e_pos).sum(-1) * scale  # (B,)
         s_all = h @ pool.T * scale  # (B, M)
+        if self.loss_cfg.logq_correction and pos_logq is not None and neg_logq is not None:
+            s_pos = s_pos - pos_logq.float()
+            s_all = s_all - torch.cat([pos_logq, neg_logq.reshape(-1)]).float()[None, :]
         is_neg = (pool_id[None, :] >= 0) & (pool_id[None, :] != pos_item[:, None])  # (B, M)
         if not self.loss_cfg.in_batch_negatives:
             is_neg &= pool_row[None, :] == torch.arange(B, device=h.device)[:, None]
@@ -157,7 +165,8 @@ class KarmaModel(nn.Module):
         item_pos = torch.cat([batch["pos_pos"], batch["neg_pos"].reshape(-1)])
         image = torch.cat([batch["pos_image"], batch["neg_image"].reshape(B * N, -1)]) if "pos_image" in batch else None
         e = self.encode_items(item_ids, item_mask, item_pos, image)  # (B+B·N, emb)
-        l_act, acc = self.action_loss(h, e[:B], e[B:].view(B, N, -1), batch["pos_item"], batch["neg_item"])
+        l_act, acc = self.action_loss(h, e[:B], e[B:].view(B, N, -1), batch["pos_item"], batch["neg_item"],
+                                      batch.get("pos_logq"), batch.get("neg_logq"))
         out = {"act": l_act, "act_acc": acc}
         total = l_act
         if cfg.lambda_gen > 0:
@@ -177,6 +186,24 @@ class KarmaModel(nn.Module):
         if self.loss_cfg.image_recon == "cosine":
             return (1 - F.cosine_similarity(pred, target.float(), dim=-1)).mean()
         return F.mse_loss(pred, target.float())
+
+    # ---- diagnostics (sink rate, interest-row concentration) ----------------------------------
+    @torch.no_grad()
+    def interest_attentions(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-layer (B, H, T, T) attention maps over interest prompts.
+
+        SDPA does not return weights, so the call runs with eager attention and restores the
+        previous implementation afterwards (same weights, same maths).
+        """
+        previous = self.lm.config._attn_implementation
+        if previous != "eager":
+            self.lm.set_attn_implementation("eager")
+        try:
+            out = self.lm.get_decoder()(inputs_embeds=self._embed(ids), attention_mask=mask, output_attentions=True)
+        finally:
+            if previous != "eager":
+                self.lm.set_attn_implementation(previous)
+        return tuple(a.float() for a in out.attentions)
 
     # ---- decoding (explain, fidelity) --------------------------------------------------------
     @torch.no_grad()

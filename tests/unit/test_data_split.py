@@ -206,3 +206,17 @@ def test_prepare_refuses_more_than_one_percent_rejects():
     assert prepare._check(table, RejectReport("train", 100, 1, {"unknown_target": 1})) is table
     with pytest.raises(DataValidationError, match="train: rejected 2 of 100 rows"):
         prepare._check(table, RejectReport("train", 100, 2, {"unknown_target": 2}))
+
+
+def test_click_log_share_counts_training_targets_with_add_one_smoothing(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from karma_ray.data.pipeline import click_log_share
+
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"target": pa.array([1, 1, 1, 2], pa.int64())}), tmp_path / "train" / "part-0.parquet")
+    logq = click_log_share(tmp_path, np.array([1, 2, 3]))
+    # counts (3, 1, 0) + 1 over 4 clicks + 3 items → (4, 2, 1) / 7; the cold item 3 gets the floor
+    assert np.allclose(np.exp(logq), [4 / 7, 2 / 7, 1 / 7])

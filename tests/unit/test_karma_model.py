@@ -128,3 +128,39 @@ def test_save_and_load_round_trip_without_pickle(model_and_builder, tmp_path):
         b = loaded.encode_interest(arr["int_ids"], arr["int_mask"], arr["int_pos"])
     assert torch.allclose(a, b, atol=1e-5)
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+
+
+def _bare_model(**loss) -> KarmaModel:
+    m = KarmaModel.__new__(KarmaModel)
+    torch.nn.Module.__init__(m)
+    m.loss_cfg = LossConfig(**loss)
+    m.log_inv_tau = torch.nn.Parameter(torch.tensor(0.0))  # scale 1: logits are plain cosines
+    return m
+
+
+def test_logq_correction_is_subtracted_from_every_candidate_logit():
+    """pairwise, one row, one hard negative, no in-batch: loss = softplus((s⁻ − log q⁻) − (s⁺ − log q⁺))."""
+    h = torch.tensor([[1.0, 0.0]])
+    e_pos, e_neg = torch.tensor([[0.6, 0.8]]), torch.tensor([[[0.8, 0.6]]])
+    pos_item, neg_item = torch.tensor([1]), torch.tensor([[2]])
+    logq_pos, logq_neg = torch.tensor([-4.0]), torch.tensor([[-1.0]])  # the negative is the popular one
+    m = _bare_model(in_batch_negatives=False)
+    corrected, _ = m.action_loss(h, e_pos, e_neg, pos_item, neg_item, logq_pos, logq_neg)
+    expected = torch.nn.functional.softplus(torch.tensor((0.8 + 1.0) - (0.6 + 4.0)))
+    assert corrected.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain, _ = _bare_model(in_batch_negatives=False, logq_correction=False).action_loss(
+        h, e_pos, e_neg, pos_item, neg_item, logq_pos, logq_neg)
+    assert plain.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.8 - 0.6)).item(), rel=1e-5)
+
+
+def test_training_batch_carries_log_click_shares_when_the_builder_has_them(model_and_builder):
+    import numpy as np
+
+    _, builder = model_and_builder
+    builder.item_logq = np.log(np.full(len(builder.item_ids), 1.0 / len(builder.item_ids), np.float32))
+    try:
+        arrays = builder.training_batch(ROWS, False, False)
+    finally:
+        builder.item_logq = None
+    assert arrays["pos_logq"].shape == (3,) and arrays["neg_logq"].shape == (3, CFG.data.max_negatives)
+    assert np.allclose(arrays["pos_logq"], np.log(1 / 40))
