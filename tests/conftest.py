@@ -33,12 +33,27 @@ def tiny_cfg(tiny_data, tmp_path_factory):
     ])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_metrics_port() -> int:
+    """The port where this session's Ray serves its Prometheus metrics (the real-scrape test reads it)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_metrics_port):
     """One local Ray for the whole session (4 logical CPUs so Train + Data + Serve can co-schedule)."""
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=ray_metrics_port,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}})
     yield ray
     ray.shutdown()
@@ -53,7 +68,7 @@ def tiny_run(ray_cluster, tiny_cfg):
     from karma_ray.train.run import run_with_history
 
     cfg = tiny_cfg.with_overrides(["train.num_workers=2", "train.max_steps=10", "train.log_every=2",
-                                   "train.checkpoint_every=5", "train.batch_size=4"])
+                                   "train.checkpoint_every=5", "train.batch_size=4", "train.probe_every=4"])
     return run_with_history(cfg, run_name="tiny-ddp", show_progress=False)
 
 

@@ -6,6 +6,7 @@ from Ray Train; the model and its losses come from `karma_ray.models.karma` and 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -19,7 +20,10 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
 from karma_ray.config import KarmaConfig
+from karma_ray.eval.attention import interest_row_concentration, sink_rates
 from karma_ray.models.karma import KarmaModel, build_model
+
+log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "act", "gen", "rec", "img", "act_acc")
 # Which mask trims which group of padded arrays (batches arrive padded to the config maxima).
@@ -59,19 +63,38 @@ def lr_lambda(cfg: KarmaConfig):
     return f
 
 
-def save_checkpoint(model: KarmaModel, opt, sched, step: int, out: Path) -> None:
+def save_checkpoint(model: KarmaModel, opt, sched, step: int, out: Path, extra: dict | None = None) -> None:
     """safetensors for weights (handles the tied embedding), torch.save only for optimizer state."""
     save_model(model, str(out / "model.safetensors"))
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, out / "optimizer.pt")
-    (out / "train_state.json").write_text(json.dumps({"step": step}))
+    (out / "train_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
 
 
-def load_checkpoint(model: KarmaModel, opt, sched, ckpt_dir: Path) -> int:
+def load_checkpoint(model: KarmaModel, opt, sched, ckpt_dir: Path) -> tuple[int, dict]:
     load_model(model, str(ckpt_dir / "model.safetensors"))
     state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)  # tensors and plain containers only
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
-    return int(json.loads((ckpt_dir / "train_state.json").read_text())["step"])
+    train_state = json.loads((ckpt_dir / "train_state.json").read_text())
+    return int(train_state["step"]), train_state
+
+
+def probe_batch(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The first n interest prompts of a batch, cut at [INT] (the L_gen target after it is not prompt)."""
+    pos = batch["int_pos"][:n]
+    width = int(pos.max()) + 1
+    mask = batch["int_mask"][:n, :width] * (torch.arange(width, device=pos.device)[None, :] <= pos[:, None]).to(batch["int_mask"].dtype)
+    return {"ids": batch["int_ids"][:n, :width], "mask": mask, "pos": pos}
+
+
+def probe_collapse(model: KarmaModel, probe: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sink rate and mean [INT]-row entropy on the fixed probe (the collapse alarm's reading)."""
+    was_training = model.training
+    model.eval()
+    attns = model.interest_attentions(probe["ids"], probe["mask"])
+    model.train(was_training)
+    entropy, _ = interest_row_concentration(attns, probe["pos"])
+    return {"sink_rate": sink_rates(attns, probe["mask"])[0], "int_attn_entropy": sum(entropy) / len(entropy)}
 
 
 def _lr_of(opt, name: str) -> float:
@@ -111,11 +134,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     # 2. Resume from the latest checkpoint, if this is a restarted attempt.
-    step, resumed_from = 0, -1
+    step, resumed_from, train_state = 0, -1, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            step = resumed_from = load_checkpoint(model, opt, sched, Path(d))
+            step, train_state = load_checkpoint(model, opt, sched, Path(d))
+            resumed_from = step
+    probe, probe_base, reading = None, train_state.get("probe_base"), {}  # collapse alarm (rank 0)
 
     # 3. DDP (gloo on CPU, NCCL on GPU). A λ of 0 leaves heads unused, which DDP must be told about.
     unused = cfg.loss.lambda_rec == 0 or (cfg.model.image_dim and cfg.loss.lambda_img == 0) or not cfg.model.image_dim
@@ -136,6 +161,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wait_s += t_start - t_fetch
             batch = trim_padding({k: v.to(device) for k, v in batch.items()})
             tokens += int(sum(batch[k].sum() for k in TRIM_GROUPS if k in batch))
+            if cfg.train.probe_every and rank == 0 and probe is None:
+                probe = probe_batch(batch, cfg.train.probe_prompts)
+                if probe_base is None:  # before the first update: the frozen model's reading
+                    probe_base = probe_collapse(model, probe)
 
             with autocast:
                 out = ddp_model(batch)  # dict of scalar losses
@@ -146,31 +175,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sched.step()
             step += 1
             n_steps += 1
+            last = step >= cfg.train.max_steps
+            if probe is not None and (step % cfg.train.probe_every == 0 or last):
+                reading = _collapse_alarm(model, probe, probe_base, cfg.train.sink_alarm_ratio, step)
             for k in LOSS_KEYS:
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach())
             busy_s += time.perf_counter() - t_start
 
-            last = step >= cfg.train.max_steps
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or last:
                 elapsed = time.perf_counter() - t_last
                 metrics = _mean_across_workers({k: v / n_steps for k, v in sums.items()}, device)
                 metrics.update(step=step, epoch=epoch, lr=_lr_of(opt, "lm"), resumed_from_step=resumed_from,
                                tokens_per_s=tokens * world / max(elapsed, 1e-9), step_s=elapsed / n_steps,
                                data_wait_frac=wait_s / max(wait_s + busy_s, 1e-9), world_size=world)
+                if reading:  # the latest probe reading rides on the next report
+                    metrics.update(reading)
+                    reading = {}
                 _report(metrics, model, opt, sched, step, rank,
-                        with_checkpoint=step % cfg.train.checkpoint_every == 0 or last)
+                        with_checkpoint=step % cfg.train.checkpoint_every == 0 or last,
+                        extra={"probe_base": probe_base} if probe_base else None)
                 sums, wait_s, busy_s, tokens, n_steps, t_last = {}, 0.0, 0.0, 0, 0, time.perf_counter()
             if last:
                 return
             t_fetch = time.perf_counter()
 
 
-def _report(metrics: dict[str, Any], model: KarmaModel, opt, sched, step: int, rank: int, with_checkpoint: bool) -> None:
+def collapse_alarm(sink_rate: float, frozen_rate: float, ratio: float) -> bool:
+    """True when the sink rate has risen past ratio × the frozen rate (floored at 1%: a frozen rate
+    of 0 would otherwise alarm on the first head that turns into a sink)."""
+    return sink_rate > ratio * max(frozen_rate, 1.0)
+
+
+def _collapse_alarm(model: KarmaModel, probe: dict[str, torch.Tensor], base: dict[str, float], ratio: float,
+                    step: int) -> dict[str, float]:
+    """Probe reading as report metrics; a warning when the sink rate passes ratio × the frozen rate."""
+    now = probe_collapse(model, probe)
+    alarm = collapse_alarm(now["sink_rate"], base["sink_rate"], ratio)
+    if alarm:
+        log.warning("collapse alarm at step %d: attention-sink rate %.1f%% > %.1f× the frozen model's %.1f%% "
+                    "([INT] entropy %.3f, frozen %.3f); consider larger lambda_gen/lambda_rec", step,
+                    now["sink_rate"], ratio, base["sink_rate"], now["int_attn_entropy"], base["int_attn_entropy"])
+    return {"probe_step": step, "sink_rate": now["sink_rate"], "sink_rate_frozen": base["sink_rate"], "int_attn_entropy": now["int_attn_entropy"],
+            "int_attn_entropy_frozen": base["int_attn_entropy"], "collapse_alarm": float(alarm)}
+
+
+def _report(metrics: dict[str, Any], model: KarmaModel, opt, sched, step: int, rank: int, with_checkpoint: bool,
+            extra: dict | None = None) -> None:
     """Every rank reports the same number of times; only rank 0 attaches the checkpoint."""
     if not (with_checkpoint and rank == 0):
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, opt, sched, step, Path(tmp))
+        save_checkpoint(model, opt, sched, step, Path(tmp), extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -92,3 +92,67 @@ def test_killed_worker_resumes_from_last_checkpoint_and_finishes(ray_cluster, ti
     assert reports[-1]["step"] == 16
     resumed = [r["resumed_from_step"] for r in reports if r["resumed_from_step"] >= 0]
     assert resumed and resumed[0] >= 4 and resumed[0] % 4 == 0  # restarted from a checkpoint, not step 0
+
+
+def test_collapse_probe_reports_sink_rate_against_the_frozen_model(tiny_run):
+    """probe_every=4: steps 4, 8 and the last step carry the probe reading and the frozen baseline."""
+    _, reports = tiny_run
+    probed = [r for r in reports if "sink_rate" in r]
+    assert [r["step"] for r in probed] == [4, 8, 10]
+    for r in probed:
+        assert 0.0 <= r["sink_rate"] <= 100.0 and 0.0 <= r["int_attn_entropy"] <= 1.0
+        assert r["sink_rate_frozen"] == probed[0]["sink_rate_frozen"]  # measured once, before step 1
+        assert r["collapse_alarm"] in (0.0, 1.0)
+
+
+def test_evaluate_job_writes_metrics_report_and_plots(tiny_artifact, tmp_path):
+    """jobs/evaluate.py end to end on a trained artifact (smoke: capped events)."""
+    import json
+
+    from jobs.evaluate import main
+
+    out = tmp_path / "eval"
+    assert main(["--artifact", str(tiny_artifact), "--out", str(out), "--max-events", "30", "--probe-prompts", "8",
+                 "--fidelity-samples", "4", "--bootstrap", "50", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("test", "test_cold"):
+        r = metrics["splits"][split]
+        assert r["n"] == 30 and 0.0 <= r["hr@10"] <= r["hr@50"] <= r["hr@200"] <= 1.0
+        assert r["hr@50_ci95"][0] <= r["hr@50"] <= r["hr@50_ci95"][1]
+    att = metrics["attention"]
+    assert len(att["sink_rate_per_layer"]) == 2 and att["n_prompts"] == 8
+    assert metrics["fidelity"]["n"] == 4 and 0.0 <= metrics["fidelity"]["fidelity_f1"] <= 1.0
+    assert metrics["effective_rank"] >= 1.0
+    assert set(metrics["summary"]) >= {"hr@10", "hr@50_cold", "sink_rate", "int_attn_entropy", "fidelity_f1"}
+    assert (out / "report.md").read_text().startswith("# Evaluation") and (out / "hr_at_k.png").stat().st_size > 0
+    assert (out / "attention.png").exists()
+
+
+def test_evaluate_job_names_a_missing_artifact(tmp_path, capsys):
+    from jobs.evaluate import main
+
+    assert main(["--artifact", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_quality_benchmark_smoke_runs_every_arm(ray_cluster, tiny_cfg, tmp_path):
+    """benchmarks/quality.py --smoke: all seven arms on the tiny model; the results carry the contract keys."""
+    import json
+
+    from benchmarks import quality
+
+    out = tmp_path / "results"
+    assert quality.main(["--smoke", "--seeds", "0", "--out", str(out), "--tag", "q",
+                         "--set", f"data.path={tiny_cfg.data.path}", "--set", "data.image_dim=8",
+                         "--set", f"train.storage_path={tmp_path / 'runs'}"]) == 0
+    result = json.loads((out / "q.json").read_text())
+    assert list(result["arms"]) == list(quality.ARMS)
+    keys = {"hr@10", "hr@50", "hr@200", "ndcg@10", "hr@10_cold", "hr@50_cold", "sink_rate", "int_attn_entropy",
+            "int_attn_top1", "fidelity_f1", "effective_rank"}
+    for arm, row in result["arms"].items():
+        assert keys <= set(row), arm
+    assert result["arms"]["popularity"]["sink_rate"] is None and result["arms"]["frozen"]["fidelity_f1"] is None
+    assert result["arms"]["karma"]["fidelity_f1"] is not None
+    assert result["budget"]["steps"] == 4 and result["budget"]["seeds"] == [0]
+    for png in ("q_hr_at_k.png", "q_sink.png", "q_fidelity.png"):
+        assert (out / png).stat().st_size > 0
