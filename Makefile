@@ -7,7 +7,7 @@ PIP     = $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration bench serve clean
+.PHONY: install prometheus demo test test-unit test-integration bench serve clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# A real Prometheus binary for the scrape test (Debian package; the test skips where it cannot be had).
+prometheus:
+	@command -v prometheus >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq prometheus >/dev/null 2>&1; } || \
+	  echo "prometheus not installed: the real-scrape test will be skipped"; }
+
 demo: install
 	$(PY) jobs/demo.py
 
-test: install
+test: install prometheus
 	$(PY) -m pytest -q tests
 
 test-unit: install

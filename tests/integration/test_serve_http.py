@@ -173,3 +173,48 @@ def test_replica_counts_from_yaml(base_url):
 
     counts = replica_counts()
     assert set(counts) == set(DEPLOYMENTS) and all(n >= 1 for n in counts.values())
+
+
+def test_real_prometheus_scrapes_every_stage_latency_histogram(client, catalogue, ray_metrics_port, tmp_path):
+    """A real Prometheus, configured from deploy/prometheus.yml, scrapes this Ray's metrics port and
+    sees karma_stage_latency_ms buckets for encode, recall, prerank and rank."""
+    import json
+    import shutil
+    import subprocess
+    import time
+
+    import yaml
+
+    from benchmarks.prometheus_check import STAGES, prom_query
+
+    binary = shutil.which("prometheus")
+    if not binary:
+        pytest.skip("prometheus is not installed (make test / .ci/run install it with apt-get)")
+    for i in range(6):
+        assert client.post("/search", json={"query": "lamp", "history": catalogue[i : i + 2], "k": 5}).status_code == 200
+    sd = tmp_path / "ray_sd.json"
+    sd.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{ray_metrics_port}"]}]))
+    cfg = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    for job in cfg["scrape_configs"]:
+        for sdc in job.get("file_sd_configs", []):
+            sdc["files"], sdc["refresh_interval"] = [str(sd)], "2s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = _free_port()
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found: set[str] = set()
+    try:
+        deadline = time.monotonic() + 120  # Ray reports custom metrics every ~10 s; a bound, not an assertion
+        while time.monotonic() < deadline and not set(STAGES) <= found:
+            time.sleep(2)
+            try:
+                series = prom_query(f"http://127.0.0.1:{port}", "sum by (stage) (ray_karma_stage_latency_ms_bucket)")
+            except Exception:  # noqa: BLE001 - Prometheus still starting
+                continue
+            found = {s["metric"].get("stage") for s in series if float(s["value"][1]) > 0}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert set(STAGES) <= found, f"stages with buckets in Prometheus: {sorted(found)}"
