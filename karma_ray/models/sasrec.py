@@ -93,5 +93,5 @@ def train_sasrec(item_ids: np.ndarray, histories: list[list[int]], targets: np.n
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return model.eval(), losses

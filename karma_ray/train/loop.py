@@ -214,7 +214,8 @@ def _collapse_alarm(model: KarmaModel, probe: dict[str, torch.Tensor], base: dic
     alarm = collapse_alarm(now["sink_rate"], base["sink_rate"], ratio)
     if alarm:
         log.warning("collapse alarm at step %d: attention-sink rate %.1f%% > %.1f× the frozen model's %.1f%% "
-                    "([INT] entropy %.3f, frozen %.3f); consider larger lambda_gen/lambda_rec", step,
+                    "([INT] entropy %.3f, frozen %.3f): the interest encoder's attention is drifting from the "
+                    "pretrained model's", step,
                     now["sink_rate"], ratio, base["sink_rate"], now["int_attn_entropy"], base["int_attn_entropy"])
     return {"probe_step": step, "sink_rate": now["sink_rate"], "sink_rate_frozen": base["sink_rate"], "int_attn_entropy": now["int_attn_entropy"],
             "int_attn_entropy_frozen": base["int_attn_entropy"], "collapse_alarm": float(alarm)}
