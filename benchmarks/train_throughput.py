@@ -53,6 +53,10 @@ def plain_loop(cfg, steps: int, warmup: int) -> tuple[list[float], list[int]]:
     torch.manual_seed(cfg.train.seed)
     model, tok = build_model(cfg.model, cfg.loss)
     builder = PromptBuilder(tok, pq.read_table(Path(cfg.data.path) / "items.parquet"), cfg.data, cfg.model.image_dim)
+    if cfg.loss.logq_correction:  # the same inputs the Ray Data tokeniser builds
+        from karma_ray.data.pipeline import click_log_share
+
+        builder.item_logq = click_log_share(cfg.data.path, builder.item_ids)
     events = pq.read_table(Path(cfg.data.path) / "train").to_pydict()
     B = cfg.train.batch_size
     batches = []
