@@ -128,6 +128,27 @@ def test_evaluate_job_writes_metrics_report_and_plots(tiny_artifact, tmp_path):
     assert (out / "attention.png").exists()
 
 
+def test_evaluate_job_on_a_demo_preset_artifact(ray_cluster, tmp_path):
+    """The `demo` preset's pipeline (synthetic shop with queries) trained for 3 steps with the tiny
+    backbone in place of SmolLM2, then jobs/evaluate.py on its artifact (smoke caps)."""
+    import json
+
+    from jobs.evaluate import main
+    from karma_ray.config import get_preset
+    from karma_ray.train.run import run
+
+    cfg = get_preset("demo").with_overrides([
+        f"data.path={tmp_path / 'demo'}", "model.backbone=tiny", "model.num_layers=null", "model.emb_dim=32",
+        "model.tiny_hidden=64", "train.max_steps=3", "train.checkpoint_every=3", "train.warmup_steps=1",
+        "train.log_every=1", f"train.storage_path={tmp_path / 'runs'}", f"train.artifacts_dir={tmp_path / 'artifacts'}"])
+    art = run(cfg, run_name="demo-tiny", show_progress=False)
+    assert main(["--artifact", str(art), "--max-events", "20", "--probe-prompts", "4", "--fidelity-samples", "4",
+                 "--bootstrap", "20", "--no-progress"]) == 0
+    metrics = json.loads((art / "eval" / "metrics.json").read_text())
+    assert metrics["splits"]["test"]["n"] == 20 and metrics["summary"]["hr@200"] is not None
+    assert (art / "eval" / "report.md").exists() and (art / "eval" / "hr_at_k.png").exists()
+
+
 def test_evaluate_job_names_a_missing_artifact(tmp_path, capsys):
     from jobs.evaluate import main
 
