@@ -326,6 +326,39 @@ def main(argv: list[str] | None = None) -> int:
     return write_outputs(out, args.tag, result)
 
 
+SWEEP_FIXED = ("arm_seconds", "total_seconds", "seeds", "preset")
+
+
+def sweep_table(out: Path, base: dict[str, Any]) -> str:
+    """One row per arm and seed of every `quality_sweep_*.json` beside the run, with the settings it
+    changed against the committed budget, under the committed run's seed-0 rows for reference."""
+    from karma_ray.eval.evaluate import summarize
+
+    def fmt(x, d=4):
+        return "–" if x is None else f"{x:.{d}f}"
+
+    def row(run: str, changed: str, arm: str, m: dict[str, Any]) -> str:
+        s = summarize({"attention": None, "fidelity": None} | m)
+        return (f"| {run} | {changed} | {arm} | {fmt(s['hr@10'])} | {ci_text(m, 'test', 50)} | {ci_text(m, 'test_cold', 50)} | "
+                f"{fmt(s['sink_rate'], 1)} | {fmt(s['int_attn_entropy'], 3)} | {fmt(s['fidelity_f1'], 3)} | "
+                f"{fmt(s['effective_rank'], 2)} | {m.get('train_seconds', '–')} |")
+
+    files = sorted(out.glob("quality_sweep_*.json"))
+    if not files:
+        return ""
+    lines = ["", "### Every investigation run (generated from `benchmarks/results/quality_sweep_*.json`)", "",
+             "| run | changed vs the committed budget | arm | HR@10 | HR@50 [95% CI] | HR@50 cold [95% CI] | sink % | "
+             "[INT] entropy | fidelity F1 | eff. rank | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row("committed run", "–", f"{arm} (seed 0)", base["details"][arm]["0"]) for arm in ("action_only", "karma")]
+    for path in files:
+        r = json.loads(path.read_text())
+        changed = ", ".join(f"{k}={v}" for k, v in r["budget"].items()
+                            if k not in SWEEP_FIXED and base["budget"].get(k) != v) or "–"
+        lines += [row(path.stem.removeprefix("quality_sweep_"), changed, f"{arm} (seed {seed})", m)
+                  for arm, seeds in r["details"].items() for seed, m in seeds.items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(out: Path, tag: str, result: dict[str, Any]) -> int:
     """<tag>.md (+ <tag>_investigation.md, the hand-written log of tries, when present) and the plots."""
     from karma_ray.eval.evaluate import summarize
@@ -334,7 +367,8 @@ def write_outputs(out: Path, tag: str, result: dict[str, Any]) -> int:
            for arm, seeds in result["details"].items()}
     notes = out / f"{tag}_investigation.md"
     text = markdown(result, raw, tag)
-    (out / f"{tag}.md").write_text(text + ("\n" + notes.read_text() if notes.exists() else ""))
+    sweeps = sweep_table(out, result) if tag == "quality" else ""
+    (out / f"{tag}.md").write_text(text + ("\n" + notes.read_text() if notes.exists() else "") + sweeps)
     plots(raw, out, tag)
     print(text.split("## 95%")[0])
     return 0
