@@ -4,9 +4,9 @@
 
 For each number of decoder layers kept, the pretrained SmolLM2 with fresh KARMA heads sees one fixed
 batch of training rows (the preset's batch size, the preset's λ). It reports L_act, L_gen, L_recon
-and, per loss, the norm of its weighted gradient on the backbone and the share of the summed
-gradient it makes up. With `grad_clip` bounding the total update, a loss whose gradient is 90% of
-the sum leaves L_act a tenth of the step. No training, no timing: every number is from one
+and, per loss, the norm of its weighted gradient on the backbone and that norm's share of the sum
+of the three norms: a rough gauge of which loss steers the first update (AdamW rescales each
+parameter, so it is not the share of the step). No training, no timing: every number is from one
 forward/backward per loss. Writes benchmarks/results/quality_depth.{json,md}.
 """
 from __future__ import annotations
@@ -33,23 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fixed_batch(cfg, rows: int) -> dict:
-    """The first `rows` training rows (stored in seeded random order), built as the Ray tokeniser builds them."""
+    """The first `rows` training rows (stored in seeded random order), through the Ray tokeniser's own callable."""
     import pyarrow.dataset as pads
     import torch
 
-    from karma_ray.data.pipeline import click_log_share, load_items
-    from karma_ray.data.prompts import PromptBuilder
-    from karma_ray.models.backbone import load_tokenizer
+    from karma_ray.data.pipeline import TokenizeEvents
     from karma_ray.train.loop import trim_padding
 
-    data_dir = Path(cfg.data.path)
-    builder = PromptBuilder(load_tokenizer(cfg.model.backbone), load_items(data_dir, cfg.model.image_dim), cfg.data,
-                            cfg.model.image_dim)
-    if cfg.loss.logq_correction:
-        builder.item_logq = click_log_share(data_dir, builder.item_ids)
+    data_dir = Path(cfg.data.path).resolve()
     table = pads.dataset(str(data_dir / "train"), format="parquet").head(rows)
-    cols = {c: table.column(c).to_pylist() for c in ("query", "history", "target", "negatives")}
-    arrays = builder.training_batch(cols, with_gen=True, with_rec=True)
+    arrays = TokenizeEvents(cfg.to_dict(), str(data_dir))(table)
     return trim_padding({k: torch.as_tensor(v) for k, v in arrays.items()})
 
 
@@ -62,7 +55,7 @@ def probe_depth(cfg, batch: dict) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model, _ = build_model(cfg.model, cfg.loss)
     out = model(batch)
-    weights = {"act": 1.0, "gen": cfg.loss.lambda_gen, "rec": cfg.loss.lambda_rec}
+    weights = {k: w for k, w in (("act", 1.0), ("gen", cfg.loss.lambda_gen), ("rec", cfg.loss.lambda_rec)) if w > 0}
     backbone = [p for p in model.lm.parameters() if p.requires_grad]
     norms = {}
     for name, w in weights.items():
@@ -101,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         lo, g = r["losses"], r["grad_norm"]
-        lines.append(f"| {n} | {lo['act']:.3f} | {lo['gen']:.2f} | {lo['rec']:.2f} | {g['act']:.3f} | {g['gen']:.3f} | "
-                     f"{g['rec']:.3f} | {r['grad_share']['act']:.1%} |")
+        cells = [lo.get("act"), lo.get("gen"), lo.get("rec"), g.get("act"), g.get("gen"), g.get("rec")]
+        lines.append(f"| {n} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells)
+                     + f" | {r['grad_share']['act']:.1%} |")
     (out / "quality_depth.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
