@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from karma_ray.eval.evaluate import EvalConfig, summarize
-    from karma_ray.train.run import ensure_data, ensure_ray
+    from karma_ray.runtime import ensure_ray
+    from karma_ray.train.run import ensure_data
 
     if args.report_only:
         return write_outputs(Path(args.out), args.tag, json.loads((Path(args.out) / f"{args.tag}.json").read_text()))

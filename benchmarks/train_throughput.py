@@ -83,7 +83,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> tuple[list[float], list[int]]:
 
 def ray_loop(cfg, steps: int, warmup: int, log_every: int) -> list[dict]:
     """The real TorchTrainer path; per-report step time and tokens/s after warm-up."""
-    from karma_ray.train.run import ensure_ray
+    from karma_ray.runtime import ensure_ray
     from karma_ray.train.trainer import fit, run_name_for
 
     ensure_ray(None)

@@ -52,9 +52,9 @@ def ray_cluster(ray_metrics_port):
     """One local Ray for the whole session (4 logical CPUs so Train + Data + Serve can co-schedule)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=ray_metrics_port,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}})
+    from karma_ray.runtime import ensure_ray
+
+    ensure_ray(num_cpus=4, metrics_port=ray_metrics_port, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
 

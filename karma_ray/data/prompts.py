@@ -6,22 +6,15 @@ prompts are assembled from those pieces, which keeps tokenisation cheap at 1M-it
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from karma_ray.config import DataConfig
+from karma_ray.data.catalog import ItemCatalog, UnknownItemError, item_text  # noqa: F401 (re-exported)
 
 IGNORE = -100  # label value ignored by the token cross-entropy
-
-
-def item_text(title: str, category: str, attributes: str) -> str:
-    """DESIGN §3: "{title} | {category} | {attributes}" (attributes may be empty)."""
-    parts = [title or "", category or ""]
-    if attributes:
-        parts.append(attributes)
-    return " | ".join(parts)
 
 
 def _mask(lengths: np.ndarray, width: int) -> np.ndarray:
@@ -29,33 +22,15 @@ def _mask(lengths: np.ndarray, width: int) -> np.ndarray:
     return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
 
 
-class UnknownItemError(KeyError):
-    """An item id that is not in the catalogue the model was trained with."""
-
-    def __init__(self, ids: Iterable[int]):
-        self.ids = sorted({int(i) for i in ids})
-        super().__init__(f"unknown item ids: {self.ids[:20]}{' …' if len(self.ids) > 20 else ''}")
-
-
 class PromptBuilder:
     """Turns (query, history, target) rows into padded token arrays for `KarmaModel`."""
 
-    def __init__(self, tokenizer, items: pa.Table, cfg: DataConfig, image_dim: int = 0):
+    def __init__(self, tokenizer, items: pa.Table | ItemCatalog, cfg: DataConfig, image_dim: int = 0):
         self.tok = tokenizer
         self.cfg = cfg
         self.image_dim = image_dim
-        ids = items.column("item_id").to_numpy()
-        order = np.argsort(ids, kind="stable")
-        self._ids = ids[order]
-        titles = items.column("title").to_pylist()
-        cats = items.column("category").to_pylist()
-        attrs = items.column("attributes").to_pylist()
-        self._texts = [item_text(titles[i], cats[i], attrs[i]) for i in order]
-        self._titles = [titles[i] for i in order]
-        self._image = None
-        if image_dim and "image_emb" in items.column_names:
-            flat = items.column("image_emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            self._image = flat.reshape(len(ids), -1).astype(np.float32)[order]
+        self.catalog = items if isinstance(items, ItemCatalog) else ItemCatalog(items)
+        self._image = self.catalog.image if image_dim else None
         self._cache: dict[int, list[int]] = {}
         self.item_logq: np.ndarray | None = None  # log click share per sorted item (training only)
         self.pad_id = tokenizer.pad_token_id
@@ -71,7 +46,7 @@ class PromptBuilder:
     # ---- catalogue lookups -------------------------------------------------------------------
     @property
     def item_ids(self) -> np.ndarray:
-        return self._ids
+        return self.catalog.ids
 
     @property
     def decode_prefix(self) -> list[int]:
@@ -79,25 +54,16 @@ class PromptBuilder:
         return list(self._next)
 
     def rows_of(self, item_ids: Sequence[int]) -> np.ndarray:
-        """Row positions of ids in the sorted catalogue; raises UnknownItemError for any miss."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.searchsorted(self._ids, ids)
-        pos = np.minimum(pos, len(self._ids) - 1)
-        bad = self._ids[pos] != ids if len(ids) else np.zeros(0, bool)
-        if bad.any():
-            raise UnknownItemError(ids[bad])
-        return pos
+        return self.catalog.rows_of(item_ids)
 
     def known(self, item_ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
-        return self._ids[pos] == ids
+        return self.catalog.known(item_ids)
 
     def text(self, item_id: int) -> str:
-        return self._texts[int(self.rows_of([item_id])[0])]
+        return self.catalog.texts[int(self.rows_of([item_id])[0])]
 
     def title(self, item_id: int) -> str:
-        return self._titles[int(self.rows_of([item_id])[0])]
+        return self.catalog.titles[int(self.rows_of([item_id])[0])]
 
     def image(self, item_ids: Sequence[int]) -> np.ndarray:
         if self._image is None:
@@ -108,7 +74,7 @@ class PromptBuilder:
         missing = [int(i) for i in item_ids if int(i) not in self._cache]
         if missing:
             rows = self.rows_of(missing)
-            texts = [self._texts[r] for r in rows]
+            texts = [self.catalog.texts[r] for r in rows]
             for i, ids in zip(missing, self.tok(texts, add_special_tokens=False).input_ids):
                 self._cache[i] = ids[: self.cfg.max_item_tokens]
         return [self._cache[int(i)] for i in item_ids]

@@ -20,7 +20,8 @@ from karma_ray.data.prompts import PromptBuilder
 from karma_ray.data.schema import EVENTS_SCHEMA, read_table
 from karma_ray.eval.attention import SINK_EPS, interest_row_concentration, sink_rates
 from karma_ray.eval.fidelity import bootstrap_ci, effective_rank, hits_at, token_f1
-from karma_ray.index.build import embed_interests, embed_items
+from karma_ray.eval.retrieval import exclude_and_cut, retrieval_metrics, target_ranks
+from karma_ray.models.inference import embed_interests, embed_items
 
 SPLITS = ("test", "test_cold")
 
@@ -107,6 +108,20 @@ def retrieval_report(ranks: np.ndarray, cfg: EvalConfig) -> dict[str, Any]:
     grid = np.arange(1, max(cfg.ks) + 1)
     out["hr_curve"] = [float(hits_at(ranks, int(k)).mean()) if len(ranks) else None for k in grid]
     return out
+
+
+def evaluate_split(model, builder: PromptBuilder, index, events: pa.Table, ks=(10, 50), prefix: str = "",
+                   batch_size: int = 32) -> dict[str, float]:
+    """HR/NDCG@K through a FAISS index (what serving returns), excluding each user's earlier history items."""
+    if events.num_rows == 0:
+        return {f"{prefix}n": 0}
+    queries = events.column("query").to_pylist()
+    histories = events.column("history").to_pylist()
+    h = embed_interests(model, builder, queries, histories, batch_size)
+    depth = max(ks) + max((len(x) for x in histories), default=0)
+    scores, ids = index.search(h, min(depth, index.ntotal))
+    topk, _ = exclude_and_cut(ids, scores, histories, max(ks))
+    return retrieval_metrics(target_ranks(topk, events.column("target").to_numpy()), ks, prefix)
 
 
 # ---- encoder diagnostics ---------------------------------------------------------------------
@@ -279,13 +294,12 @@ def plot_encoder(metrics: dict[str, Any], out: Path) -> list[Path]:
 def evaluate_artifact(path: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None,
                       data_dir: str | Path | None = None, progress: bool = True) -> tuple[dict[str, Any], Path]:
     """Load an artifact, evaluate it on its own data (or `data_dir`), write the report next to it."""
-    from karma_ray.index.artifact import load_artifact
+    from karma_ray.artifact.reader import load_artifact
 
     cfg = cfg or EvalConfig()
     art = load_artifact(path)
     data = Path(data_dir or art.manifest.get("data", {}).get("path") or art.config.data.path)
-    order = np.argsort(art.items.column("item_id").to_numpy(), kind="stable")  # builder rows are id-sorted
-    metrics = evaluate_encoder(art.model, art.builder, data, cfg, item_emb=art.item_emb[order], progress=progress)
+    metrics = evaluate_encoder(art.model, art.builder, data, cfg, item_emb=art.item_emb, progress=progress)
     metrics.update({"artifact": str(art.path), "model_version": art.version, "data": str(data), "eval": asdict(cfg),
                     "summary": None})
     metrics["summary"] = summarize(metrics)

@@ -4,7 +4,7 @@
 so Recall / PreRank / Rank / the ingress start fast and do not hold a copy of the language model.
 
 One row mapping is used everywhere in serving: a *row* is a position in items.parquet, which is
-also the row of item_emb.npy (see `karma_ray.index.build`). `PromptBuilder.rows_of` returns
+also the row of item_emb.npy (see `karma_ray.artifact`). `PromptBuilder.rows_of` returns
 positions in the id-sorted catalogue instead; `Catalog.rows_of` translates ids to parquet rows, so
 the two only coincide when items.parquet is sorted by id.
 """
@@ -25,7 +25,7 @@ SERVE_FILES = ("manifest.json", "items.parquet", "item_emb.npy", "index.faiss")
 
 
 def resolve_artifact(path: str | Path) -> Path:
-    """Follow `latest`; name what is missing. (Same check as index.artifact, without importing torch.)"""
+    """Follow `latest`; name what is missing. (Same check as karma_ray.artifact.layout.resolve.)"""
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise FileNotFoundError(f"artifact {path} does not exist; run `python jobs/train.py` first "

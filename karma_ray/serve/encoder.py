@@ -25,7 +25,7 @@ class InterestEncoder:
     def __init__(self, artifact: str):
         import torch
 
-        from karma_ray.index.artifact import load_artifact
+        from karma_ray.artifact.reader import load_artifact
 
         t0 = time.perf_counter()
         art = load_artifact(artifact)

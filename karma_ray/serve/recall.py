@@ -1,6 +1,6 @@
 """Recall: FAISS top-N (default 200) over the artifact's index, excluding the user's history items.
 
-The index is an inner-product index keyed by item id (`karma_ray.index.build.build_faiss`), so the
+The index is an inner-product index keyed by item id (`karma_ray.artifact.faiss_index.build_faiss`), so the
 recall score is h·e_i (cosine; both are unit vectors). Payloads across the hop are compact: h in,
 (ids int64, scores float32) out.
 """

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from karma_ray.data.schema import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, read_table
 from karma_ray.eval.ctr import auc, gauc
 from karma_ray.eval.retrieval import exclude_and_cut
-from karma_ray.index.artifact import Artifact, load_artifact
-from karma_ray.index.build import embed_interests
+from karma_ray.artifact.reader import Artifact, load_artifact
+from karma_ray.models.inference import embed_interests
 from karma_ray.models.rankers import (FeatureSpace, PreRanker, PreRankerConfig, Ranker, RankerConfig,
                                       save_rankers)
 

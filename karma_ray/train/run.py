@@ -2,29 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from karma_ray.config import KarmaConfig
+from karma_ray.runtime import ensure_ray
 from karma_ray.train.trainer import fit, run_name_for
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def ensure_ray(address: str | None) -> None:
-    """Join the job's cluster under `ray job submit` (RAY_ADDRESS is set), else start a local one."""
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
-    else:  # the dashboard process also serves the state API Train's controller polls
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the training bar is the progress
 
 
 def ensure_data(cfg: KarmaConfig) -> None:
@@ -46,7 +31,7 @@ def run(cfg: KarmaConfig, address: str | None = None, run_name: str | None = Non
 def run_with_history(cfg: KarmaConfig, address: str | None = None, run_name: str | None = None,
                      show_progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
     """Like `run`, also returning every rank-0 report (tests and benchmarks plot/inspect them)."""
-    from karma_ray.index.artifact import export_artifact
+    from karma_ray.train.export import export_artifact
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_data(cfg)

@@ -34,7 +34,7 @@ def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
         return run(tiny_cfg, run_name="serve-test", show_progress=False)
     from safetensors.torch import save_model
 
-    from karma_ray.index.artifact import export_artifact
+    from karma_ray.train.export import export_artifact
     from karma_ray.models.karma import build_model
 
     model, _ = build_model(tiny_cfg.model, tiny_cfg.loss)

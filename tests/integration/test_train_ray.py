@@ -14,7 +14,8 @@ import numpy as np
 import psutil
 import pytest
 
-from karma_ray.index.artifact import REQUIRED_FILES, load_artifact
+from karma_ray.artifact.layout import REQUIRED_FILES
+from karma_ray.artifact.reader import load_artifact
 
 pytestmark = pytest.mark.integration
 

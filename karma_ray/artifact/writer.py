@@ -1,0 +1,54 @@
+"""Write one immutable artifact version (staged, then renamed into place; manifest last)."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from karma_ray.artifact.layout import MANIFEST, json_default, point_latest, staged_dir
+
+MANIFEST_VERSION = 2
+PACKAGES = ("karma-ray", "torch", "transformers", "ray", "faiss-cpu", "pyarrow", "numpy", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_artifact(out_dir: str | Path, model, tokenizer, items: pa.Table, item_emb: np.ndarray,
+                   index: faiss.Index, manifest: dict[str, Any], publish: bool = True) -> Path:
+    """Write a new version directory `out_dir` (it must not exist) and, with `publish`, point `latest` at it.
+
+    `items` and `item_emb` must share one row order: the id-sorted catalogue order.
+    """
+    out_dir = Path(out_dir)
+    ids = items.column("item_id").to_numpy()
+    if len(ids) != len(item_emb) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+        raise ValueError("items must be sorted by item_id, unique, and match item_emb row for row")
+    with staged_dir(out_dir) as tmp:
+        model.save(tmp, tokenizer)
+        pq.write_table(items, tmp / "items.parquet")
+        np.save(tmp / "item_emb.npy", item_emb, allow_pickle=False)
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = {"manifest_version": MANIFEST_VERSION, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": package_versions(), "files": files, "n_items": int(len(item_emb)),
+                    "emb_dim": int(item_emb.shape[1]), **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
+    if publish:
+        point_latest(out_dir.parent, out_dir)
+    return out_dir
