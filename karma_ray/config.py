@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -17,7 +18,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     """Where the behaviour logs live and how prompts are cut to length."""
 
@@ -26,13 +27,18 @@ class DataConfig:
     n_items: int = 2000  # synthetic only
     n_users: int = 400  # synthetic only
     image_dim: int = 0  # synthetic only: >0 adds image_emb to items (multimodal path)
-    cold_frac: float = 0.1
-    seed: int = 0
+    cold_frac: float = 0.1  # `cold` protocol: share of items held out of every training row
+    max_history: int = 50  # earlier clicks kept on a training event (evaluation events keep all of them)
+    rows_per_file: int = 50_000  # training events per parquet part
+    seed: int = 0  # data generation, the cold-item draw and the row order on disk
+    train_rows: int = 0  # use a seeded subset of this many training events (0 = all)
     history_items: int = 8  # last n history items shown in the interest prompt
     max_negatives: int = 4  # hard negatives per event used by L_act
     max_item_tokens: int = 24  # item text tokens (title | category | attributes)
     max_prompt_tokens: int = 192  # interest prompt, query + history, before [INT]
     max_target_tokens: int = 24  # "Next: " + target text for L_gen / L_recon
+    cache_dir: str = ""  # where trunk caches live (default <data.path>/<protocol>/trunk_cache); shared by every run
+    cache_actors: int = 1  # Ray Data actors that compute the trunk cache (each loads the model)
     tokenize_actors: int = 1  # Ray Data actor pool size for tokenisation
     tokenize_num_cpus: float = 0.25  # logical CPUs per tokeniser actor (see README: 2-CPU deadlock)
     read_num_cpus: float = 0.25  # logical CPUs per parquet read task
@@ -41,20 +47,27 @@ class DataConfig:
         _check(self.dataset in ("synthetic", "movielens"), f"data.dataset must be synthetic|movielens, got {self.dataset!r}")
         _check(0.0 <= self.cold_frac < 1.0, f"data.cold_frac must be in [0, 1), got {self.cold_frac}")
         _check(self.history_items >= 0, "data.history_items must be >= 0")
+        _check(self.max_history >= 1 and self.rows_per_file >= 1, "data.max_history and data.rows_per_file must be >= 1")
+        _check(self.train_rows >= 0, "data.train_rows must be >= 0")
         _check(self.max_negatives >= 0, "data.max_negatives must be >= 0")
-        for name in ("max_item_tokens", "max_prompt_tokens", "max_target_tokens", "tokenize_actors"):
+        for name in ("max_item_tokens", "max_prompt_tokens", "max_target_tokens", "tokenize_actors", "cache_actors"):
             _check(getattr(self, name) >= 1, f"data.{name} must be >= 1")
         _check(self.max_prompt_tokens >= 16, "data.max_prompt_tokens must be >= 16")
         _check(self.tokenize_num_cpus > 0 and self.read_num_cpus > 0, "data.*_num_cpus must be > 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     """The shared causal LM and the KARMA heads on top of it."""
 
-    backbone: str = "smollm2-135m"  # smollm2-135m | tiny | a local HF dir | a hub id
-    num_layers: int | None = None  # keep only the first N decoder layers (None = all)
-    emb_dim: int = 256  # retrieval embedding size (W_e, W_h project d -> emb_dim)
+    backbone: str = "smollm2-135m"  # smollm2-135m | tiny | tiny-gemma3 | a local HF dir | a hub id
+    # All layers are always kept. k > 0 trains only the top k decoder layers, the final norm and the
+    # heads; the embeddings, the bottom L-k layers and the tied LM head stay frozen, and the frozen
+    # trunk's output for fixed text is cached once (karma_ray.cache). 0 = full fine-tuning.
+    trainable_layers: int = 0
+    trunk_dtype: str = "bf16"  # dtype the frozen trunk runs and is cached in (bf16 | fp32)
+    readout: str = "mean"  # mean: mean of the final states over the text; token: the state at [INT]/[ITEM]
+    emb_dim: int = 0  # retrieval embedding size; 0 = the LM's hidden size (W_e, W_h start as identity)
     prefix_tokens: int = 4  # k soft-prefix tokens for L_recon (the bottleneck width)
     image_dim: int = 0  # >0 enables the image soft token and the image reconstruction head
     attn_implementation: str = "sdpa"  # eager is forced where attentions are needed (sink metrics)
@@ -63,14 +76,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "model.backbone must be set")
-        _check(self.num_layers is None or self.num_layers >= 1, "model.num_layers must be >= 1 or None")
-        _check(self.emb_dim >= 8, "model.emb_dim must be >= 8")
+        _check(self.trainable_layers >= 0, "model.trainable_layers must be >= 0 (0 = train every layer)")
+        _check(self.trunk_dtype in ("bf16", "fp32"), "model.trunk_dtype must be bf16|fp32")
+        _check(self.readout in ("mean", "token"), "model.readout must be mean|token")
+        _check(self.emb_dim == 0 or self.emb_dim >= 8, "model.emb_dim must be 0 (hidden size) or >= 8")
         _check(1 <= self.prefix_tokens <= 64, "model.prefix_tokens must be in [1, 64]")
         _check(self.image_dim >= 0, "model.image_dim must be >= 0")
         _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation must be sdpa|eager")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossConfig:
     """L = L_act + λ_gen·L_gen + λ_rec·L_recon (+ λ_img·L_img). A λ of 0 removes that loss's compute."""
 
@@ -80,7 +95,8 @@ class LossConfig:
     lambda_img: float = 0.1
     init_temperature: float = 0.05  # s = cos(h, e) / τ, τ learnable (log-parametrised)
     in_batch_negatives: bool = True
-    logq_correction: bool = True  # subtract log(click share) from candidate logits (popularity-sampled negatives)
+    cross_row_hard_negatives: bool = True  # other rows' hard negatives are negatives for every row too
+    logq_correction: bool = True  # subtract log(click share) from in-batch (click-sampled) candidates only
     image_recon: str = "mse"  # mse | cosine
 
     def __post_init__(self) -> None:
@@ -91,7 +107,7 @@ class LossConfig:
         _check(self.image_recon in ("mse", "cosine"), "loss.image_recon must be mse|cosine")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Ray Train scaling, optimisation and checkpointing."""
 
@@ -106,7 +122,7 @@ class TrainConfig:
     warmup_steps: int = 10
     max_steps: int = 100
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, GPU only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; on CPU it needs AVX-512 BF16 or AMX to pay off)
     log_every: int = 5
     checkpoint_every: int = 50
     max_failures: int = 2
@@ -119,6 +135,9 @@ class TrainConfig:
     # `sink_alarm_ratio` × the rate measured before the first update (the frozen model). 0 = off.
     probe_every: int = 0
     probe_prompts: int = 8
+    # Every `valid_every` steps (and before the first), rank 0 scores validation HR@50 on the cached
+    # validation prompts (trunk cache only; no prior): the learning curve against rows seen. 0 = off.
+    valid_every: int = 0
     sink_alarm_ratio: float = 1.5
 
     def __post_init__(self) -> None:
@@ -128,15 +147,15 @@ class TrainConfig:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
         _check(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every/checkpoint_every must be >= 1")
         _check(self.precision in ("fp32", "bf16"), "train.precision must be fp32|bf16")
-        _check(not (self.precision == "bf16" and not self.use_gpu), "train.precision=bf16 needs train.use_gpu=true")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
         _check(self.max_failures >= 0, "train.max_failures must be >= 0")
         _check(self.torch_threads >= 0, "train.torch_threads must be >= 0")
         _check(self.probe_every >= 0 and self.probe_prompts >= 1, "train.probe_every must be >= 0 and probe_prompts >= 1")
+        _check(self.valid_every >= 0, "train.valid_every must be >= 0")
         _check(self.sink_alarm_ratio > 1.0, "train.sink_alarm_ratio must be > 1")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IndexConfig:
     """How item embeddings become a FAISS index."""
 
@@ -144,13 +163,68 @@ class IndexConfig:
     hnsw_m: int = 32
     ivf_nlist: int = 256
     embed_batch_size: int = 64
+    embed_actors: int = 1  # Ray Data actors that embed the catalogue at export (one GPU each when training used GPUs)
 
     def __post_init__(self) -> None:
         _check(self.kind in ("flat", "hnsw", "ivf"), f"index.kind must be flat|hnsw|ivf, got {self.kind!r}")
-        _check(self.embed_batch_size >= 1, "index.embed_batch_size must be >= 1")
+        _check(self.embed_batch_size >= 1 and self.embed_actors >= 1, "index.embed_batch_size and embed_actors must be >= 1")
 
 
-@dataclass
+PROTOCOLS = ("standard", "cold")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """The offline protocol (docs/design.md §4) and what to measure on how much."""
+
+    protocol: str = "cold"  # standard (peer-compatible leave-last-out) | cold (+ cold-item hold-out)
+    ks: tuple[int, ...] = (10, 50, 200)
+    ndcg_ks: tuple[int, ...] = (10, 50)
+    max_events: int = 0  # per warm split; 0 = every event (smoke runs cap it)
+    max_cold_events: int = 1000  # per cold split, a seeded sample (they are clustered on few items)
+    probe_prompts: int = 128  # interest prompts for the attention diagnostics
+    fidelity_samples: int = 128  # events decoded from h for token-F1
+    fidelity_fit_steps: int = 100  # steps that refit P on an arm's frozen h before fidelity (0 = as trained)
+    max_new_tokens: int = 20
+    n_boot: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    sink_eps: float = 0.3
+    prior_alphas: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # α of the α·log(click share) prior
+
+    def __post_init__(self) -> None:
+        self.ks, self.ndcg_ks = tuple(sorted(self.ks)), tuple(sorted(self.ndcg_ks))
+        self.prior_alphas = tuple(self.prior_alphas)
+        _check(self.protocol in PROTOCOLS, f"eval.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        _check(bool(self.ks) and min(self.ks) >= 1, "eval.ks must be positive")
+        for name in ("max_events", "max_cold_events", "probe_prompts", "fidelity_samples", "fidelity_fit_steps", "n_boot"):
+            _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0")
+        _check(0 < self.sink_eps < 1, "eval.sink_eps must be in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class BaselinesConfig:
+    """SASRec (Kang & McAuley 2018, as in RecBole): the ID-only sequential peer."""
+
+    sasrec_dim: int = 64
+    sasrec_layers: int = 2
+    sasrec_heads: int = 2
+    sasrec_inner: int = 256
+    sasrec_max_len: int = 50
+    sasrec_dropout: float = 0.5
+    sasrec_lr: float = 1e-3
+    sasrec_batch_size: int = 256
+    sasrec_max_epochs: int = 200
+    sasrec_patience: int = 10  # epochs without a better validation HR@10 before stopping (RecBole's stopping_step)
+
+    def __post_init__(self) -> None:
+        _check(self.sasrec_dim % self.sasrec_heads == 0, "baselines.sasrec_dim must be divisible by sasrec_heads")
+        _check(min(self.sasrec_max_len, self.sasrec_layers, self.sasrec_max_epochs, self.sasrec_patience) >= 1,
+               "baselines.sasrec_max_len/layers/max_epochs/patience must be >= 1")
+        _check(0 <= self.sasrec_dropout < 1, "baselines.sasrec_dropout must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
 class KarmaConfig:
     preset: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -158,6 +232,13 @@ class KarmaConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        """The prepared split this config trains and evaluates on: <data.path>/<eval.protocol>."""
+        return Path(self.data.path) / self.eval.protocol
 
     def __post_init__(self) -> None:
         _check(
@@ -167,6 +248,16 @@ class KarmaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "KarmaConfig":
+        """A copy whose local paths are absolute: Ray workers run in other directories than the driver."""
+        out = copy.deepcopy(self)
+        for section, name in (("data", "path"), ("data", "cache_dir"), ("train", "artifacts_dir"), ("train", "storage_path")):
+            obj = getattr(out, section)
+            value = getattr(obj, name)
+            if value and "://" not in value:
+                setattr(obj, name, str(Path(value).expanduser().resolve()))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KarmaConfig":
@@ -193,35 +284,39 @@ class KarmaConfig:
         return KarmaConfig.from_dict(d)
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "index": IndexConfig}
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "index": IndexConfig,
+                  "eval": EvalConfig, "baselines": BaselinesConfig}
 
 
 def _demo() -> KarmaConfig:
-    # Synthetic shop with queries; the real SmolLM2 cut to 4 layers so the default is pretrained
-    # and still trains in a couple of minutes on 2 CPU cores.
+    # Synthetic shop with queries; all 30 layers of SmolLM2, the top 2 trained over a cached bf16 trunk,
+    # so a fresh machine trains, indexes and serves in a few minutes on 2 CPU cores. The cache holds just
+    # the rows 30 steps read and a small evaluation sample.
     return KarmaConfig(
         preset="demo",
         data=DataConfig(dataset="synthetic", path="data/demo", n_items=1000, n_users=300, history_items=4,
-                        max_negatives=3, max_prompt_tokens=112, max_item_tokens=20, max_target_tokens=20),
-        model=ModelConfig(backbone="smollm2-135m", num_layers=4, emb_dim=128, prefix_tokens=4),
+                        max_negatives=3, max_prompt_tokens=112, max_item_tokens=20, max_target_tokens=20,
+                        train_rows=240),
+        model=ModelConfig(backbone="smollm2-135m", trainable_layers=2, prefix_tokens=4),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
         train=TrainConfig(num_workers=1, torch_threads=2, batch_size=8, max_steps=30, warmup_steps=5, log_every=5,
-                          checkpoint_every=15, lr=1e-4, name="demo"),
+                          checkpoint_every=15, lr=1e-4, precision="bf16", name="demo"),
         index=IndexConfig(kind="flat"),
+        eval=EvalConfig(max_events=200, max_cold_events=200),
     )
 
 
 def _ml100k() -> KarmaConfig:
-    # MovieLens-100K, SmolLM2 cut to 4 layers: the quality benchmark runs 6 trainings of this preset
-    # plus their evaluations in about an hour on 2 CPU cores (each arm well under 20 minutes).
+    # MovieLens-100K on all 30 layers of SmolLM2, the top 2 trained over a cached bf16 trunk: one arm-seed
+    # trains in minutes on 2 CPU cores, so the quality benchmark's 8 trainings fit in its 2.5 h budget.
     return KarmaConfig(
         preset="ml100k",
-        data=DataConfig(dataset="movielens", path="data/ml100k", history_items=8, max_negatives=4,
-                        max_prompt_tokens=160, max_item_tokens=20, max_target_tokens=20),
-        model=ModelConfig(backbone="smollm2-135m", num_layers=4, emb_dim=128, prefix_tokens=4),
+        data=DataConfig(dataset="movielens", path="data/ml100k", history_items=8, max_negatives=4, train_rows=9600,
+                        max_prompt_tokens=192, max_item_tokens=20, max_target_tokens=20),
+        model=ModelConfig(backbone="smollm2-135m", trainable_layers=2, prefix_tokens=4),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
-        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=150, warmup_steps=10, log_every=10,
-                          checkpoint_every=50, lr=1e-4, name="ml100k", probe_every=25),
+        train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=450, warmup_steps=20, log_every=25,
+                          checkpoint_every=150, lr=1e-4, precision="bf16", name="ml100k", probe_every=75),
         index=IndexConfig(kind="flat"),
     )
 
@@ -233,8 +328,7 @@ def _gpu() -> KarmaConfig:
         data=DataConfig(dataset="synthetic", path="data/gpu", n_items=100_000, n_users=20_000, history_items=20,
                         max_negatives=8, max_prompt_tokens=512, max_item_tokens=32, max_target_tokens=32,
                         tokenize_actors=4, tokenize_num_cpus=1.0, read_num_cpus=1.0),
-        model=ModelConfig(backbone="smollm2-135m", num_layers=None, emb_dim=256, prefix_tokens=8,
-                          gradient_checkpointing=True),
+        model=ModelConfig(backbone="smollm2-135m", trainable_layers=0, prefix_tokens=8, gradient_checkpointing=True),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
         train=TrainConfig(num_workers=4, use_gpu=True, cpus_per_worker=4, batch_size=64, precision="bf16",
                           max_steps=5000, warmup_steps=200, log_every=20, checkpoint_every=500, lr=5e-5,
@@ -244,12 +338,12 @@ def _gpu() -> KarmaConfig:
 
 
 def _tiny() -> KarmaConfig:
-    # Randomly initialised 2-layer Llama: for tests only, seconds per run.
+    # Randomly initialised 2-layer Llama, the top layer trained over a cached trunk: tests only, seconds per run.
     return KarmaConfig(
         preset="tiny",
         data=DataConfig(dataset="synthetic", path="data/tiny", n_items=200, n_users=60, history_items=3,
                         max_negatives=2, max_prompt_tokens=64, max_item_tokens=12, max_target_tokens=12),
-        model=ModelConfig(backbone="tiny", emb_dim=32, prefix_tokens=2, tiny_hidden=64),
+        model=ModelConfig(backbone="tiny", trainable_layers=1, trunk_dtype="fp32", emb_dim=32, prefix_tokens=2, tiny_hidden=64),
         loss=LossConfig(),
         train=TrainConfig(num_workers=1, batch_size=4, max_steps=6, warmup_steps=1, log_every=2,
                           checkpoint_every=3, lr=1e-3, name="tiny"),

@@ -14,11 +14,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A small synthetic shop with image embeddings, prepared once per session."""
+    """A small synthetic shop with image embeddings, prepared once per session (the `cold` protocol's split
+    lives in <data.path>/cold)."""
     from karma_ray.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare_dataset("synthetic", out, n_items=200, n_users=60, image_dim=8, seed=0)
+    prepare_dataset("synthetic", out / "cold", protocol="cold", n_items=200, n_users=60, image_dim=8, seed=0)
     return out
 
 

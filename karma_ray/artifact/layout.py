@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 MANIFEST = "manifest.json"
-MODEL_FILES = ("encoder/config.json", "heads.safetensors", "karma_model.json")
+MODEL_FILES = ("encoder/config.json", "encoder/lm.safetensors", "heads.safetensors", "karma_model.json")
 CATALOG_FILES = ("items.parquet", "item_emb.npy")
 INDEX_FILES = ("index.faiss",)
 REQUIRED_FILES = (MANIFEST, *MODEL_FILES, *CATALOG_FILES, *INDEX_FILES)

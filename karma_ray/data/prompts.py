@@ -17,6 +17,12 @@ from karma_ray.data.catalog import ItemCatalog, UnknownItemError, item_text  # n
 IGNORE = -100  # label value ignored by the token cross-entropy
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS id every sequence starts with: the tokenizer's own, where it prepends one to plain text
+    itself (Gemma does; SmolLM2 defines `<|im_start|>` as BOS for chat turns but does not prepend it)."""
+    return tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+
+
 def _mask(lengths: np.ndarray, width: int) -> np.ndarray:
     """(B, width) attention mask for right-padded rows of the given lengths."""
     return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -35,6 +41,8 @@ class PromptBuilder:
         self.item_logq: np.ndarray | None = None  # log click share per sorted item (training only)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.bos_id = bos_id(tokenizer)
+        self._bos = [] if self.bos_id is None else [self.bos_id]
         self.item_tok = tokenizer.convert_tokens_to_ids("[ITEM]")
         self.int_tok = tokenizer.convert_tokens_to_ids("[INT]")
         self.img_tok = tokenizer.convert_tokens_to_ids("[IMG]")
@@ -81,12 +89,12 @@ class PromptBuilder:
 
     # ---- sequences ---------------------------------------------------------------------------
     def item_sequence(self, item_id: int) -> list[int]:
-        """[IMG]? + item text + [ITEM]; e_i is read at [ITEM] (at the token before it when frozen)."""
-        head = [self.img_tok] if self._image is not None else []
+        """[BOS]? + [IMG]? + item text + [ITEM]; e_i pools the text (or reads [ITEM])."""
+        head = self._bos + ([self.img_tok] if self._image is not None else [])
         return head + self._text_tokens([item_id])[0] + [self.item_tok]
 
     def prompt(self, query: str, history: Sequence[int]) -> list[int]:
-        """Query + last n history item texts + "Next interest:" (no [INT]; oldest items dropped first)."""
+        """Query + last n history item texts + "Next interest:" (no BOS, no [INT]; oldest items dropped first)."""
         hist = list(history)[-self.cfg.history_items:] if self.cfg.history_items else []
         head = (self._query_prefix + self.tok(query, add_special_tokens=False).input_ids[:48] + self._newline
                 if query else [])
@@ -98,7 +106,7 @@ class PromptBuilder:
         return (head + self._history_head + body + self._tail)[-self.cfg.max_prompt_tokens:]
 
     def target(self, item_id: int) -> tuple[list[int], list[int]]:
-        """("Next: " + target text + eos, labels) — labels ignore the constant "Next: " prefix."""
+        """("Next: " + target text + eos, labels): what L_gen appends after [INT]; labels skip "Next: "."""
         text = self._text_tokens([item_id])[0][: self.cfg.max_target_tokens - len(self._next) - 1]
         ids = self._next + text + [self.eos_id]
         return ids, [IGNORE] * len(self._next) + text + [self.eos_id]
@@ -106,15 +114,15 @@ class PromptBuilder:
     # ---- batches -----------------------------------------------------------------------------
     def interest_batch(self, queries: Sequence[str], histories: Sequence[Sequence[int]],
                        targets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """Interest sequences [prompt][INT] (+ "Next: "+target text for L_gen when targets given)."""
-        width = self.cfg.max_prompt_tokens + 1 + (self.cfg.max_target_tokens if targets is not None else 0)
+        """Interest sequences [BOS]?[prompt][INT] (+ "Next: "+target text for L_gen when targets given)."""
+        width = len(self._bos) + self.cfg.max_prompt_tokens + 1 + (self.cfg.max_target_tokens if targets is not None else 0)
         B = len(queries)
         ids = np.full((B, width), self.pad_id, np.int64)
         labels = np.full((B, width), IGNORE, np.int64)
         pos = np.zeros(B, np.int64)
         lengths = np.zeros(B, np.int64)
         for b in range(B):
-            seq = self.prompt(queries[b], histories[b]) + [self.int_tok]
+            seq = self._bos + self.prompt(queries[b], histories[b]) + [self.int_tok]
             pos[b] = len(seq) - 1
             lab = [IGNORE] * len(seq)
             if targets is not None:
@@ -129,7 +137,7 @@ class PromptBuilder:
         return out
 
     def items_batch(self, item_ids: Sequence[int]) -> dict[str, np.ndarray]:
-        width = self.cfg.max_item_tokens + 2
+        width = len(self._bos) + self.cfg.max_item_tokens + 2
         ids = np.full((len(item_ids), width), self.pad_id, np.int64)
         pos = np.zeros(len(item_ids), np.int64)
         for b, i in enumerate(item_ids):
@@ -142,12 +150,14 @@ class PromptBuilder:
         return out
 
     def target_batch(self, targets: Sequence[int]) -> dict[str, np.ndarray]:
-        width = self.cfg.max_target_tokens
+        """L_recon's sequences [BOS]? "Next: " + target text: the model inserts P(h) after the BOS."""
+        width = len(self._bos) + self.cfg.max_target_tokens
         ids = np.full((len(targets), width), self.pad_id, np.int64)
         labels = np.full((len(targets), width), IGNORE, np.int64)
         mask = np.zeros((len(targets), width), np.int64)
         for b, t in enumerate(targets):
             t_ids, t_lab = self.target(t)
+            t_ids, t_lab = self._bos + t_ids, [IGNORE] * len(self._bos) + t_lab
             ids[b, : len(t_ids)], labels[b, : len(t_lab)], mask[b, : len(t_ids)] = t_ids, t_lab, 1
         return {"rec_ids": ids, "rec_labels": labels, "rec_mask": mask}
 
@@ -173,9 +183,8 @@ class PromptBuilder:
                     "neg_mask": neg["mask"].reshape(len(targets), N, -1), "neg_pos": neg["pos"].reshape(len(targets), N)})
         if "image" in neg:
             out["neg_image"] = neg["image"].reshape(len(targets), N, -1)
-        if self.item_logq is not None:
+        if self.item_logq is not None:  # only the targets: in-batch candidates are other rows' targets
             out["pos_logq"] = self.item_logq[self.rows_of(targets)]
-            out["neg_logq"] = self.item_logq[self.rows_of(flat.tolist())].reshape(len(targets), N)
         if with_rec:
             out.update(self.target_batch(targets))
         return out

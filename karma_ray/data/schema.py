@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "ITEMS_SCHEMA",
     "EVENTS_SCHEMA",
+    "CLICKS_SCHEMA",
     "IMPRESSIONS_SCHEMA",
     "IMAGE_EMB_COLUMN",
     "DataValidationError",
@@ -56,6 +57,18 @@ EVENTS_SCHEMA = pa.schema(
         pa.field("query", pa.string()),
         pa.field("history", _ID_LIST),
         pa.field("target", pa.int64()),
+        pa.field("negatives", _ID_LIST),
+    ]
+)
+
+# Raw click logs (what `split.build_splits` consumes; written by the MovieLens and synthetic sources).
+# Row order is the log's own order: it breaks ties between clicks that share a timestamp.
+CLICKS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64()),
+        pa.field("ts", pa.int64()),
+        pa.field("item_id", pa.int64()),
+        pa.field("query", pa.string()),
         pa.field("negatives", _ID_LIST),
     ]
 )

@@ -1,16 +1,18 @@
-"""Leave-last-out splits over click sequences, with a cold-item hold-out (DESIGN.md §4).
+"""Leave-last-out splits under two named protocols (docs/design.md §4).
 
-Protocol, per user with clicks sorted by (ts, item_id):
-* every click is an event whose history is the user's earlier clicks (oldest first, last
-  `max_history` kept);
-* last click -> test, second-to-last -> valid, the rest -> train (users with < 3 clicks only
-  contribute train events);
-* a seeded random `cold_frac` of the catalogue is "cold": never seen in training as target,
-  history item or negative. Every event (any position) whose target is cold goes to
-  `test_cold_events` instead, so cold-item recall is measured on items that were only ever
-  encodable from their text. Train histories are rebuilt from the non-cold clicks, so they
-  still hold up to `max_history` items; valid/test histories are left untouched.
+Clicks are ordered per user by time; clicks that share a timestamp keep **the log's own order** (the
+row order of the input, e.g. u.data for MovieLens), never an order derived from item ids.
 
+* `standard` (peer-compatible, as RecBole's leave-one-out): per user, the last click is the test
+  event (users with >= 2 clicks) and the one before it the validation event (users with >= 3);
+  every other click is a training event. No cold hold-out.
+* `cold`: a seeded random `cold_frac` of the catalogue is held out of every training row (target,
+  history and negatives). Leave-last-out runs over each user's *warm* clicks, so the warm valid/test
+  sets hold only warm targets; every click on a cold item is a cold event, and cold events are split
+  between `valid_cold` and `test_cold` by user (seeded), so selection and report never share a user.
+
+Every evaluation event carries the user's *whole* earlier click sequence as its history (the ranking
+excludes all of it); training events carry the last `max_history` earlier training clicks.
 All array work is numpy on flat arrays; no Python loop over rows.
 """
 
@@ -22,19 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from karma_ray.data.schema import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, DataValidationError, conform
+from karma_ray.data.schema import CLICKS_SCHEMA, EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, DataValidationError, conform
 
-__all__ = ["Splits", "build_splits", "events_to_impressions", "CLICK_COLUMNS"]
+__all__ = ["PROTOCOLS", "Splits", "build_splits", "events_to_impressions", "EVAL_SPLITS"]
 
-CLICK_COLUMNS = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("ts", pa.int64()),
-        ("item_id", pa.int64()),
-        ("query", pa.string()),
-        ("negatives", pa.list_(pa.int64())),
-    ]
-)
+PROTOCOLS = ("standard", "cold")
+EVAL_SPLITS = ("valid", "test", "valid_cold", "test_cold")
 
 
 @dataclass
@@ -44,60 +39,72 @@ class Splits:
     train_events: pa.Table
     valid_events: pa.Table
     test_events: pa.Table
+    valid_cold_events: pa.Table
     test_cold_events: pa.Table
     train_impressions: pa.Table
     test_impressions: pa.Table
     cold_item_ids: np.ndarray
 
+    def events(self) -> dict[str, pa.Table]:
+        return {"train": self.train_events, "valid": self.valid_events, "test": self.test_events,
+                "valid_cold": self.valid_cold_events, "test_cold": self.test_cold_events}
+
     def counts(self) -> dict[str, int]:
         """Row count per table (what meta.json and the CLI report)."""
-        return {
-            "train": self.train_events.num_rows,
-            "valid": self.valid_events.num_rows,
-            "test": self.test_events.num_rows,
-            "test_cold": self.test_cold_events.num_rows,
-            "train_impressions": self.train_impressions.num_rows,
-            "test_impressions": self.test_impressions.num_rows,
-        }
+        return {**{k: t.num_rows for k, t in self.events().items()},
+                "train_impressions": self.train_impressions.num_rows, "test_impressions": self.test_impressions.num_rows}
 
 
 def build_splits(
-    items: pa.Table, clicks: pa.Table, *, cold_frac: float = 0.1, max_history: int = 50, seed: int = 0
-) -> Splits:
-    """Split `clicks` (user_id, ts, item_id, query, negatives) into train/valid/test/test_cold."""
+    items: pa.Table, clicks: pa.Table, *, protocol: str = "cold", cold_frac: float = 0.1, max_history: int = 50,
+    seed: int = 0,
+) -> Splits:  # fmt: skip
+    """Split `clicks` (user_id, ts, item_id, query, negatives; rows in log order) under `protocol`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if not 0.0 <= cold_frac < 1.0:
         raise ValueError(f"cold_frac must be in [0, 1), got {cold_frac}")
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
     seq = _sorted_clicks(clicks)
-    cold = pick_cold_items(items, cold_frac, seed)
+    cold = pick_cold_items(items, cold_frac if protocol == "cold" else 0.0, seed)
 
     user = seq["user_id"].to_numpy()
     item = seq["item_id"].to_numpy()
-    start, n_user = _user_runs(user)
-    from_end = n_user - 1 - (np.arange(len(user)) - start)
-    held = n_user >= 3
-    is_test, is_valid = held & (from_end == 0), held & (from_end == 1)
+    start = _user_runs(user)[0]
     cold_target = _in_sorted(item, cold)
+    # leave-last-out over each user's warm clicks (all clicks under `standard`)
+    warm = np.flatnonzero(~cold_target)
+    w_start, w_n = _user_runs(user[warm])
+    w_from_end = w_n - 1 - (np.arange(len(warm)) - w_start)
+    is_test, is_valid = np.zeros(len(user), bool), np.zeros(len(user), bool)
+    is_test[warm] = (w_from_end == 0) & (w_n >= 2)
+    is_valid[warm] = (w_from_end == 1) & (w_n >= 3)
     is_train = ~is_test & ~is_valid & ~cold_target
+    in_valid_cold = _user_coin(user, seed)
 
-    def events(rows: np.ndarray, hist: pa.Array, negatives: pa.Array | None = None) -> pa.Table:
-        return _events_table(seq, rows, hist, negatives)
+    def eval_events(mask: np.ndarray) -> pa.Table:
+        rows = np.flatnonzero(mask)
+        return _events_table(seq, rows, _histories(item, start, rows, None), None)
 
-    test_rows, valid_rows, cold_rows = np.flatnonzero(is_test), np.flatnonzero(is_valid), np.flatnonzero(cold_target)
-    test = events(test_rows, _histories(item, start, test_rows, max_history))
-    valid = events(valid_rows, _histories(item, start, valid_rows, max_history))
-    test_cold = events(cold_rows, _histories(item, start, cold_rows, max_history))
     train = _train_events(seq, item, user, cold_target, is_train, cold, max_history)
     return Splits(
         train_events=train,
-        valid_events=valid,
-        test_events=test,
-        test_cold_events=test_cold,
+        valid_events=eval_events(is_valid),
+        test_events=eval_events(is_test),
+        valid_cold_events=eval_events(cold_target & in_valid_cold),
+        test_cold_events=eval_events(cold_target & ~in_valid_cold),
         train_impressions=events_to_impressions(train),
-        test_impressions=events_to_impressions(test),
+        test_impressions=events_to_impressions(eval_events(is_test)),
         cold_item_ids=cold,
     )
+
+
+def _user_coin(user: np.ndarray, seed: int) -> np.ndarray:
+    """Per row: a seeded fair coin per *user* (True -> the user's cold events are validation events)."""
+    ids = np.unique(user)
+    heads = np.random.default_rng([seed, 1]).random(len(ids)) < 0.5
+    return heads[np.searchsorted(ids, user)] if len(ids) else np.zeros(0, bool)
 
 
 def pick_cold_items(items: pa.Table, cold_frac: float, seed: int) -> np.ndarray:
@@ -109,19 +116,20 @@ def pick_cold_items(items: pa.Table, cold_frac: float, seed: int) -> np.ndarray:
 
 
 def _sorted_clicks(clicks: pa.Table) -> pa.Table:
-    """Conform clicks (query/negatives optional) and sort stably by (user_id, ts, item_id)."""
+    """Conform clicks (query/negatives optional) and order them by (user_id, ts), stably: clicks that
+    share a timestamp keep the input's row order, i.e. the log's own order."""
     n = clicks.num_rows
     if "query" not in clicks.column_names:
         clicks = clicks.append_column("query", pa.array([""] * n, pa.string()))
     if "negatives" not in clicks.column_names:
         clicks = clicks.append_column("negatives", pa.array([[]] * n, pa.list_(pa.int64())))
-    clicks = conform(clicks, CLICK_COLUMNS, "clicks")
+    clicks = conform(clicks, CLICKS_SCHEMA, "clicks")
     for col in ("user_id", "ts", "item_id"):
         if clicks[col].null_count:
             raise DataValidationError(f"clicks: column {col!r} has {clicks[col].null_count} nulls; clicks need ids and times")
     clicks = clicks.set_column(3, "query", pc.fill_null(clicks["query"], ""))
     clicks = clicks.set_column(4, "negatives", pc.fill_null(clicks["negatives"], pa.scalar([], pa.list_(pa.int64()))))
-    order = np.lexsort((clicks["item_id"].to_numpy(), clicks["ts"].to_numpy(), clicks["user_id"].to_numpy()))
+    order = np.lexsort((clicks["ts"].to_numpy(), clicks["user_id"].to_numpy()))  # lexsort is stable
     return clicks.take(pa.array(order)).combine_chunks()
 
 
@@ -143,9 +151,11 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[idx] == values
 
 
-def _histories(item: np.ndarray, start: np.ndarray, rows: np.ndarray, max_history: int) -> pa.Array:
-    """For each row i in `rows`: item[max(start_i, i - max_history) : i] as a list<int64>."""
-    lengths = np.minimum(rows - start[rows], max_history)
+def _histories(item: np.ndarray, start: np.ndarray, rows: np.ndarray, max_history: int | None) -> pa.Array:
+    """For each row i in `rows`: item[max(start_i, i - max_history) : i] (all earlier items if None)."""
+    lengths = rows - start[rows]
+    if max_history is not None:
+        lengths = np.minimum(lengths, max_history)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     gather = np.repeat(rows - lengths, lengths) + within

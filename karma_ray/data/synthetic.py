@@ -30,19 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from karma_ray.data.schema import IMAGE_EMB_COLUMN, ITEMS_SCHEMA, items_schema
+from karma_ray.data.schema import CLICKS_SCHEMA, ITEMS_SCHEMA, items_schema
 
-__all__ = ["SyntheticConfig", "SESSIONS_SCHEMA", "CATEGORIES", "BRANDS", "generate_synthetic"]
+__all__ = ["SyntheticConfig", "CATEGORIES", "BRANDS", "generate_synthetic"]
 
-SESSIONS_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("ts", pa.int64()),
-        ("item_id", pa.int64()),
-        ("query", pa.string()),
-        ("negatives", pa.list_(pa.int64())),
-    ]
-)
 
 # department -> (materials, [(subcategory label, singular noun phrase), ...])
 _DEPARTMENTS: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
@@ -164,7 +155,7 @@ def generate_synthetic(cfg: SyntheticConfig | None = None) -> tuple[pa.Table, pa
     negatives = _negatives(cfg, cat, clicks["item"], rngs[4])
     sessions = pa.Table.from_arrays(
         [pa.array(clicks["user"] + 1), pa.array(clicks["ts"]), pa.array(clicks["item"] + 1), query, negatives],
-        schema=SESSIONS_SCHEMA,
+        schema=CLICKS_SCHEMA,
     )
     return items, sessions
 

@@ -1,4 +1,4 @@
-"""Attention diagnostics of semantic collapse (DESIGN §4), on tensors only (no model, no Ray).
+"""Attention diagnostics of semantic collapse (docs/design.md §4), on tensors only (no model, no Ray).
 
 Two views of the same per-layer attention maps `attn[l]: (B, H, T, T)` over right-padded prompts:
   * sink rate (Gu et al. 2024): share of (sample, layer, head) whose first key receives a mean

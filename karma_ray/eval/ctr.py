@@ -1,4 +1,4 @@
-"""Ranking-quality metrics over impressions (DESIGN §4): AUC and GAUC, pure numpy.
+"""Ranking-quality metrics over impressions (docs/design.md §4): AUC and GAUC, pure numpy.
 
 AUC is the Mann–Whitney statistic: the probability that a random positive outscores a random
 negative, with tied scores counting one half (average ranks). GAUC averages per-user AUCs

@@ -1,9 +1,8 @@
-"""Semantic fidelity (token-F1 of text decoded from h), effective rank of h, bootstrap CIs."""
+"""Semantic fidelity (token-F1 of text decoded from h) and the effective rank of h."""
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,18 +34,107 @@ def effective_rank(h: np.ndarray) -> float:
     return float(lam.sum() ** 2 / max((lam**2).sum(), 1e-30))
 
 
-def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float] = np.mean, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap (1−α) interval of `stat` over per-event values (e.g. 0/1 hits)."""
-    values = np.asarray(values)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boots = np.array([stat(values[i]) for i in idx])
-    return float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+class FidelityProbe:
+    """Fair semantic fidelity: how much of the target's text h still carries, the same way for every arm.
 
+    An arm's own P(·) has seen h only if that arm trained L_recon, so decoding through it would score
+    action-only low by construction. The probe re-initialises P (seeded), fits it on the arm's frozen h
+    of `n_train` training rows for `eval.fidelity_fit_steps` steps (nothing else moves), then greedily
+    decodes test h and scores token-F1 against the target text. The arm's weights are left as found;
+    the as-trained F1 (through the arm's own P) is reported beside it.
+    """
 
-def hits_at(ranks: Sequence[int], k: int) -> np.ndarray:
-    r = np.asarray(ranks)
-    return ((r > 0) & (r <= k)).astype(np.float64)
+    def __init__(self, builder, data_dir, karma_cfg, eval_cfg, cache=None, n_train: int = 512, batch_size: int = 32,
+                 lr: float = 1e-3):
+        self.builder, self.data_dir, self.cfg, self.eval_cfg, self.cache = builder, data_dir, karma_cfg, eval_cfg, cache
+        self.n_train, self.batch_size, self.lr = n_train, batch_size, lr
+
+    def __call__(self, model, h_test: np.ndarray, targets: np.ndarray) -> dict:
+        n = min(self.eval_cfg.fidelity_samples, len(h_test))
+        as_trained, _ = self.decode_f1(model, h_test[:n], targets[:n])
+        saved = {k: v.detach().clone() for k, v in model.prefix.state_dict().items()}
+        losses = self.refit(model) if self.eval_cfg.fidelity_fit_steps else []
+        refit, examples = self.decode_f1(model, h_test[:n], targets[:n])
+        model.prefix.load_state_dict(saved)
+        return {"fidelity_f1": refit, "fidelity_f1_as_trained": as_trained, "n": n, "examples": examples,
+                "fit_steps": self.eval_cfg.fidelity_fit_steps, "fit_loss_first_last": [losses[0], losses[-1]] if losses else None}
+
+    def decode_f1(self, model, h: np.ndarray, targets: np.ndarray) -> tuple[float | None, list[dict]]:
+        import torch
+
+        start = torch.tensor(self.builder.decode_prefix, dtype=torch.long)
+        scores, examples = [], []
+        for s in range(0, len(h), self.batch_size):
+            seqs = model.decode_from_h(torch.from_numpy(h[s : s + self.batch_size]), start, self.builder.eos_id,
+                                       self.eval_cfg.max_new_tokens)
+            for j, seq in enumerate(seqs):
+                decoded = self.builder.tok.decode(seq, skip_special_tokens=True).strip()
+                ref = self.builder.text(int(targets[s + j]))
+                scores.append(token_f1(decoded, ref))
+                if len(examples) < 8:
+                    examples.append({"target": ref, "decoded": decoded, "f1": round(scores[-1], 3)})
+        return (float(np.mean(scores)) if scores else None), examples
+
+    def _training_rows(self, model):
+        """(h, rec states, rec mask, rec labels) of the first `n_train` training rows, computed once."""
+        import torch
+
+        from karma_ray.models.inference import TokenInputs, embed
+
+        if self.cache is not None:
+            from karma_ray.cache.store import pad_states
+
+            rows = self.cache.train_rows(self.n_train)
+            states, mask = pad_states(rows["states"].to_pylist(), rows["length"].to_numpy(), self.cache.dtype)
+            pos = torch.from_numpy(rows["pos"].to_numpy().astype(np.int64))
+            batches = ({"states": states[s : s + 32], "mask": mask[s : s + 32], "pos": pos[s : s + 32]}
+                       for s in range(0, len(pos), 32))
+            h = embed(model, batches, "interest")
+            items = self.cache.items()
+            r = items.rows(rows["target"].to_numpy())
+            return torch.from_numpy(h), items.rec_states[r], items.rec_mask[r], items.rec_labels[r]
+        import pyarrow.parquet as pq
+
+        from karma_ray.data.events import train_events_path
+
+        first = pq.read_table(sorted(train_events_path(self.data_dir).glob("*.parquet"))[0]).slice(0, self.n_train)
+        h = embed(model, TokenInputs(self.builder, 32).interests([q or "" for q in first["query"].to_pylist()],
+                                                                 first["history"].to_pylist()), "interest")
+        rec = self.builder.target_batch(first["target"].to_numpy().tolist())
+        ids, mask = torch.from_numpy(rec["rec_ids"]), torch.from_numpy(rec["rec_mask"])
+        with torch.no_grad():
+            states = model.trunk(ids, mask)
+        return torch.from_numpy(h), states, mask, torch.from_numpy(rec["rec_labels"])
+
+    def refit(self, model) -> list[float]:
+        import torch
+
+        h, states, mask, labels = self._training_rows(model)
+        flags = {p: p.requires_grad for p in model.parameters()}
+        torch.manual_seed(self.eval_cfg.seed)
+        for layer in model.prefix:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = list(model.prefix.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=self.lr)
+        rng = np.random.default_rng(self.eval_cfg.seed)
+        losses = []
+        model.train()
+        try:
+            for _ in range(self.eval_cfg.fidelity_fit_steps):
+                b = torch.from_numpy(rng.choice(len(h), size=min(self.batch_size, len(h)), replace=False))
+                width = int(mask[b].sum(1).max())
+                loss = model.reconstruction_loss(h[b], states[b, :width], mask[b, :width], labels[b, :width])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            model.eval()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        return losses

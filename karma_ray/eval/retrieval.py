@@ -1,4 +1,4 @@
-"""Full-catalogue retrieval metrics (DESIGN §4): HR@K and NDCG@K with the user's history excluded."""
+"""Full-catalogue retrieval metrics (docs/design.md §4): HR@K and NDCG@K with the user's history excluded."""
 from __future__ import annotations
 
 from typing import Sequence

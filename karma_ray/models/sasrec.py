@@ -1,97 +1,129 @@
-"""SASRec-style ID-only baseline (Kang & McAuley 2018): a small causal transformer over item ids.
+"""SASRec (Kang & McAuley 2018) as RecBole 1.2.1 builds it: the ID-only sequential peer of the quality table.
 
-The quality benchmark's non-LLM sequential arm. It reads the same event rows as KARMA (history →
-target) and scores the full catalogue with a softmax over item-id embeddings (the cross-entropy
-variant, which is stronger than the original one-negative BCE). It has no text, so an item that
-never appears in training keeps its random embedding: the cold-item gap the LLM arms should close.
+Item and position embeddings ~ N(0, 0.02) summed without √d scaling, LayerNorm and dropout, a post-norm
+causal Transformer (GELU) whose padding positions are masked as keys, the state read at the last real
+position, and a full softmax (cross-entropy) over the catalogue. Training examples are every click with
+a non-empty history (RecBole's prefix augmentation); training stops early on validation HR@10.
+An item never clicked in training keeps its random embedding: the cold-item gap LLM arms close.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class SASRecConfig:
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_len: int = 50
-    dropout: float = 0.2
-    lr: float = 1e-3
-    batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise ValueError("sasrec dim must be divisible by heads")
-        if self.max_len < 1 or self.layers < 1:
-            raise ValueError("sasrec max_len and layers must be >= 1")
+from karma_ray.config import BaselinesConfig
 
 
 class SASRec(nn.Module):
-    def __init__(self, item_ids: np.ndarray, cfg: SASRecConfig):
+    def __init__(self, catalog_ids: np.ndarray, cfg: BaselinesConfig):
         super().__init__()
         self.cfg = cfg
-        self.item_ids = np.asarray(item_ids, np.int64)  # sorted catalogue; row r+1 ↔ item_ids[r], 0 = pad
-        self.item = nn.Embedding(len(item_ids) + 1, cfg.dim, padding_idx=0)
-        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
-        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.dim * 2, cfg.dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.item_ids = np.asarray(catalog_ids, np.int64)  # sorted catalogue; embedding row r+1 <-> item_ids[r], 0 = pad
+        self.item = nn.Embedding(len(self.item_ids) + 1, cfg.sasrec_dim, padding_idx=0)
+        self.pos = nn.Embedding(cfg.sasrec_max_len, cfg.sasrec_dim)
+        self.norm = nn.LayerNorm(cfg.sasrec_dim, eps=1e-12)
+        self.drop = nn.Dropout(cfg.sasrec_dropout)
+        layer = nn.TransformerEncoderLayer(cfg.sasrec_dim, cfg.sasrec_heads, cfg.sasrec_inner, cfg.sasrec_dropout, activation="gelu",
+                                           batch_first=True, norm_first=False, layer_norm_eps=1e-12)
+        self.encoder = nn.TransformerEncoder(layer, cfg.sasrec_layers, enable_nested_tensor=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        """RecBole's initialisation: N(0, 0.02) for embeddings and linear weights, zero biases."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
-        """Item ids → embedding rows (0 for ids outside the catalogue, i.e. padding)."""
+        """Item ids -> embedding rows (0 for ids outside the catalogue, i.e. padding)."""
         ids = np.asarray(ids, np.int64)
+        if len(ids) == 0:
+            return np.zeros(0, np.int64)
         pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
         return np.where(self.item_ids[pos] == ids, pos + 1, 0)
 
     def encode(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B,) histories → (B, dim) user states read at the last position (left-padded input)."""
-        L = self.cfg.max_len
+        """(B,) histories -> (B, dim) states at each history's last position (right-padded input)."""
+        L = self.cfg.sasrec_max_len
         x = np.zeros((len(histories), L), np.int64)
+        lengths = np.zeros(len(histories), np.int64)
         for b, h in enumerate(histories):
             r = self.rows(list(h)[-L:])
-            if len(r):
-                x[b, L - len(r):] = r
-        x = torch.from_numpy(x)  # (B, L)
-        keep = (x != 0).unsqueeze(-1).float()  # (B, L, 1): SASRec's timeline mask zeroes padded inputs
-        z = (self.item(x) * self.cfg.dim ** 0.5 + self.pos.weight[None]) * keep  # (B, L, dim)
-        # Causal mask only: a key-padding mask would leave padded rows with no key at all (NaN).
+            x[b, : len(r)], lengths[b] = r, len(r)
+        x_t = torch.from_numpy(x)  # (B, L)
+        z = self.drop(self.norm(self.item(x_t) + self.pos.weight[None]))  # (B, L, dim)
+        pad = x_t == 0
+        pad[lengths == 0, 0] = False  # an empty history reads its (padding) first position, not NaN
         causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
-        z = self.encoder(z, mask=causal)
-        return self.norm(z[:, -1])  # (B, dim)
+        z = self.encoder(z, mask=causal, src_key_padding_mask=pad)
+        last = torch.from_numpy(np.maximum(lengths - 1, 0))
+        return z[torch.arange(len(histories)), last]  # (B, dim)
 
+    def logits(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.encode(histories) @ self.item.weight[1:].T  # (B, N)
+
+    @torch.no_grad()
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        """(B, N) scores over the sorted catalogue."""
-        with torch.no_grad():
-            return (self.encode(histories) @ self.item.weight[1:].T).numpy()
+        """(B, N) scores over the sorted catalogue (eval mode)."""
+        was = self.training
+        self.eval()
+        out = self.logits(histories).numpy()
+        self.train(was)
+        return out
 
     def loss(self, histories: Sequence[Sequence[int]], targets: Sequence[int]) -> torch.Tensor:
-        logits = self.encode(histories) @ self.item.weight[1:].T  # (B, N)
-        return F.cross_entropy(logits, torch.from_numpy(self.rows(targets) - 1))
+        return F.cross_entropy(self.logits(histories), torch.from_numpy(self.rows(targets) - 1))
 
 
-def train_sasrec(item_ids: np.ndarray, histories: list[list[int]], targets: np.ndarray, n_examples: int,
-                 cfg: SASRecConfig | None = None, seed: int = 0) -> tuple[SASRec, list[float]]:
-    """Train on `n_examples` rows drawn (shuffled, epoch after epoch) from the given events."""
-    cfg = cfg or SASRecConfig()
+def train_sasrec(catalog_ids: np.ndarray, histories: list[list[int]], targets: np.ndarray, cfg: BaselinesConfig,
+                 seed: int = 0, validate: Callable[["SASRec"], float] | None = None,
+                 on_epoch: Callable[[int, float, float | None], None] | None = None) -> tuple[SASRec, list[dict]]:
+    """Train epoch by epoch on every example with a non-empty history; with `validate`, keep the best
+    epoch's weights and stop after `patience` epochs without a better validation score.
+
+    Returns the model (best weights) and one record per epoch {epoch, rows_seen, loss, valid}.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = SASRec(item_ids, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    order = np.concatenate([rng.permutation(len(targets)) for _ in range(n_examples // max(len(targets), 1) + 1)])
-    losses = []
-    model.train()
-    for s in range(0, n_examples, cfg.batch_size):
-        idx = order[s : min(s + cfg.batch_size, n_examples)]
-        loss = model.loss([histories[i] for i in idx], targets[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return model.eval(), losses
+    keep = np.array([len(h) > 0 for h in histories])
+    hist = [h for h, k in zip(histories, keep) if k]
+    tgt = np.asarray(targets)[keep]
+    model = SASRec(catalog_ids, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.sasrec_lr)
+    best, best_state, since, log = -1.0, None, 0, []
+    for epoch in range(1, cfg.sasrec_max_epochs + 1):
+        model.train()
+        order = rng.permutation(len(tgt))
+        total = 0.0
+        for s in range(0, len(order), cfg.sasrec_batch_size):
+            idx = order[s : s + cfg.sasrec_batch_size]
+            loss = model.loss([hist[i] for i in idx], tgt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        score = validate(model) if validate else None
+        log.append({"epoch": epoch, "rows_seen": epoch * len(tgt), "loss": total / max(len(tgt), 1), "valid": score})
+        if on_epoch:
+            on_epoch(epoch, log[-1]["loss"], score)
+        if validate is None:
+            continue
+        if score > best:
+            best, since = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+            if since >= cfg.sasrec_patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), log

@@ -1,55 +1,100 @@
 """A finished training checkpoint -> a new artifact version (encoder, heads, item embeddings, FAISS, manifest)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import ray
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load as load_bytes
 
 from karma_ray.artifact.faiss_index import build_faiss
 from karma_ray.artifact.writer import write_artifact
 from karma_ray.config import KarmaConfig
 from karma_ray.data.catalog import ItemCatalog
-from karma_ray.data.pipeline import load_items
+from karma_ray.data.events import load_items
 from karma_ray.data.prompts import PromptBuilder
-from karma_ray.data.schema import EVENTS_SCHEMA, read_table
-from karma_ray.eval.evaluate import evaluate_split
 from karma_ray.models.inference import embed_items
 from karma_ray.models.karma import build_model
 
-EXPORT_EVAL_EVENTS = 1000  # per split: a quick HR/NDCG for the manifest, not the full evaluation protocol
+EXPORT_EVAL_EVENTS = 300  # per split: a quick HR/NDCG for the manifest, not the full evaluation protocol
 
 
-def _sample(table: pa.Table, n: int, seed: int) -> pa.Table:
-    """A seeded random subset of at most n rows (the manifest's quick metrics, not the paper's table)."""
-    if table.num_rows <= n:
-        return table
-    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
-    return table.take(pa.array(rows))
+def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: KarmaConfig, cache=None) -> dict[str, Any]:
+    """HR/NDCG@{10,50} through the FAISS index on the test splits: over every cached event when the trunk
+    cache is given (only the top runs), else over a seeded sample of events at full depth."""
+    from karma_ray.eval.evaluate import SplitEvents, index_metrics
+    from karma_ray.models.inference import CachedInputs, TokenInputs, embed
+
+    out: dict[str, Any] = {}
+    sample = dataclasses.replace(cfg.eval, max_events=EXPORT_EVAL_EVENTS, max_cold_events=EXPORT_EVAL_EVENTS)
+    for split in ("test", "test_cold"):
+        if not (data_dir / f"{split}.parquet").exists():
+            continue
+        s = SplitEvents.load(data_dir, split, cfg.eval if cache is not None else sample)
+        batches = (CachedInputs(cache, 32).interests(split) if cache is not None else
+                   TokenInputs(builder, 32).interests([q or "" for q in s.events.column("query").to_pylist()], s.histories))
+        out.update(index_metrics(index, embed(model, batches, "interest"), s.events, prefix=f"{split}/"))
+    return out
+
+
+class EmbedItems:
+    """Ray Data callable class: item ids -> e_i at full depth, with the run's trained weights (one model per actor)."""
+
+    def __init__(self, config: dict[str, Any], data_dir: str, weights: bytes, batch_size: int, threads: int = 0):
+        from safetensors.torch import load as load_bytes
+
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = KarmaConfig.from_dict(config)
+        self.model, tok = build_model(cfg.model, cfg.loss)
+        self.model.load_trainable_state(load_bytes(weights), "the exported checkpoint")
+        self.builder = PromptBuilder(tok, ItemCatalog(load_items(data_dir, cfg.model.image_dim)), cfg.data,
+                                     cfg.model.image_dim)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb = embed_items(self.model, self.builder, batch["item_id"], self.batch_size, show_progress=False)
+        return {"item_id": batch["item_id"], "emb": emb}
+
+
+def embed_catalog(cfg: KarmaConfig, weights: bytes, catalog: ItemCatalog, actors: int, progress: bool = True) -> np.ndarray:
+    """(N, emb) item embeddings in catalogue order, computed by a Ray Data actor pool (GPUs when training
+    used them), so a 10M-item catalogue is spread over the cluster instead of the driver."""
+    from karma_ray.progress import progress_bar
+
+    ds = ray.data.from_items([{"item_id": int(i)} for i in catalog.ids], override_num_blocks=max(actors * 4, 1))
+    ds = ds.map_batches(EmbedItems, batch_size=cfg.index.embed_batch_size * 4, num_gpus=1 if cfg.train.use_gpu else 0,
+                        num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                        fn_constructor_kwargs={"config": cfg.to_dict(), "data_dir": str(cfg.data_dir.resolve()),
+                                               "weights": weights, "batch_size": cfg.index.embed_batch_size,
+                                               "threads": cfg.train.torch_threads})
+    emb = np.zeros((len(catalog), 0), np.float32)
+    with progress_bar(total=len(catalog), desc="embed items", unit="item", enabled=progress) as bar:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            if emb.shape[1] == 0:
+                emb = np.zeros((len(catalog), batch["emb"].shape[1]), np.float32)
+            emb[catalog.rows_of(batch["item_id"])] = batch["emb"]
+            bar.update(len(batch["item_id"]))
+    return emb
 
 
 def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str, train_metrics: dict[str, Any],
-                    show_progress: bool = True) -> Path:
+                    show_progress: bool = True, cache=None) -> Path:
     """Checkpoint → artifacts/<run>/ with encoder, heads, item embeddings, FAISS index and manifest."""
+    weights = (Path(checkpoint_dir) / "model.safetensors").read_bytes()
     model, tok = build_model(cfg.model, cfg.loss)
-    load_model(model, str(Path(checkpoint_dir) / "model.safetensors"))
+    model.load_trainable_state(load_bytes(weights), str(checkpoint_dir))
     model.eval()
-    data_dir = Path(cfg.data.path)
+    data_dir = cfg.data_dir
     catalog = ItemCatalog(load_items(data_dir, cfg.model.image_dim))
     builder = PromptBuilder(tok, catalog, cfg.data, cfg.model.image_dim)
-    item_emb = embed_items(model, builder, catalog.ids, cfg.index.embed_batch_size, show_progress)
+    item_emb = embed_catalog(cfg, weights, catalog, cfg.index.embed_actors, show_progress)
     index = build_faiss(item_emb, catalog.ids, cfg.index)
-    metrics = dict(train_metrics)
-    with torch.no_grad():
-        for split in ("test", "test_cold"):
-            path = data_dir / f"{split}.parquet"
-            if path.exists():
-                events = _sample(read_table(path, EVENTS_SCHEMA, split), EXPORT_EVAL_EVENTS, cfg.data.seed)
-                metrics.update(evaluate_split(model, builder, index, events, prefix=f"{split}/"))
+    metrics = dict(train_metrics) | quick_metrics(model, builder, index, data_dir, cfg, cache)
     meta_path = data_dir / "meta.json"
     data_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     out = Path(cfg.train.artifacts_dir).resolve() / run_name

@@ -2,6 +2,8 @@
 
 Runs inside every Ray Train worker. DDP wrapping, device placement and the dataset shard come
 from Ray Train; the model and its losses come from `karma_ray.models.karma` and know nothing of Ray.
+Batches arrive either as cached trunk states (model.trainable_layers > 0: `karma_ray.cache`) or as
+token ids (`karma_ray.data.pipeline.TokenizeEvents`); `WorkerInputs` turns both into model inputs.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from karma_ray.config import KarmaConfig
 from karma_ray.eval.attention import interest_row_concentration, sink_rates
@@ -26,9 +30,10 @@ from karma_ray.models.karma import KarmaModel, build_model
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "act", "gen", "rec", "img", "act_acc")
-# Which mask trims which group of padded arrays (batches arrive padded to the config maxima).
-TRIM_GROUPS = {"int_mask": ("int_ids", "int_mask", "gen_labels"), "pos_mask": ("pos_ids", "pos_mask"),
+# Which mask trims which group of padded arrays (token batches arrive padded to the config maxima).
+TRIM_GROUPS = {"int_mask": ("int_ids", "int_mask", "gen_labels", "int_states"), "pos_mask": ("pos_ids", "pos_mask"),
                "neg_mask": ("neg_ids", "neg_mask"), "rec_mask": ("rec_ids", "rec_mask", "rec_labels")}
+SHUFFLE_BATCHES = 16  # local shuffle buffer, in batches: a seed changes the order rows arrive in
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,16 +44,17 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             width = int(batch[mask_key].sum(-1).max())
             for k in keys:
                 if k in out:
-                    out[k] = out[k][..., :width]
+                    out[k] = out[k][..., :width] if not k.endswith("_states") else out[k][:, :width]
     return out
 
 
 def param_groups(model: KarmaModel, cfg: KarmaConfig) -> list[dict[str, Any]]:
-    """Pretrained LM at `lr`, fresh KARMA heads at `head_lr`; no weight decay on norms/biases/scales."""
+    """Trainable LM weights at `lr`, KARMA heads at `head_lr`; no weight decay on norms/biases/scales."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        is_lm, decay = name.startswith("lm."), p.ndim >= 2
-        groups.setdefault((is_lm, decay), []).append(p)
+        if p.requires_grad:
+            is_lm, decay = name.startswith("lm."), p.ndim >= 2
+            groups.setdefault((is_lm, decay), []).append(p)
     return [{"params": ps, "lr": cfg.train.lr if is_lm else cfg.train.head_lr, "name": "lm" if is_lm else "heads",
              "weight_decay": cfg.train.weight_decay if decay else 0.0} for (is_lm, decay), ps in groups.items()]
 
@@ -63,44 +69,141 @@ def lr_lambda(cfg: KarmaConfig):
     return f
 
 
-def save_checkpoint(model: KarmaModel, opt, sched, step: int, out: Path, extra: dict | None = None) -> None:
-    """safetensors for weights (handles the tied embedding), torch.save only for optimizer state."""
-    save_model(model, str(out / "model.safetensors"))
+# ---- inputs --------------------------------------------------------------------------------
+class WorkerInputs:
+    """Everything a worker needs besides the stream: item states (cached path), log click shares,
+    and the statistics that start the readout from the frozen model."""
+
+    def __init__(self, cfg: KarmaConfig, cache_root: str | None, tokenizer):
+        from karma_ray.data.catalog import ItemCatalog
+        from karma_ray.data.events import load_items, train_targets
+        from karma_ray.data.prompts import PromptBuilder
+
+        self.cfg = cfg
+        self.catalog = ItemCatalog(load_items(cfg.data_dir, cfg.model.image_dim))
+        self.builder = PromptBuilder(tokenizer, self.catalog, cfg.data, cfg.model.image_dim)
+        self.logq = (torch.from_numpy(self.catalog.log_click_share(train_targets(cfg.data_dir)))
+                     if cfg.loss.logq_correction else None)
+        self.cache = None
+        if cache_root:
+            from karma_ray.cache.store import TrunkCache
+
+            self.cache = TrunkCache(cache_root)
+            self.items = self.cache.items()
+            if cfg.model.image_dim and self.catalog.image is not None:
+                self.items.image = torch.from_numpy(self.catalog.image)
+
+    def readout_statistics(self, model: KarmaModel, n_items: int = 2048, n_prompts: int = 256):
+        """Pooled final states of (a seeded sample of) the catalogue and of the first training prompts."""
+        from karma_ray.models.inference import CachedInputs, TokenInputs, readout_statistics
+
+        rng = np.random.default_rng(self.cfg.data.seed)
+        ids = self.catalog.ids if len(self.catalog) <= n_items else np.sort(rng.choice(self.catalog.ids, n_items, replace=False))
+        if self.cache is not None:
+            from karma_ray.cache.store import pad_states
+
+            rows = self.cache.train_rows(n_prompts)
+            states, mask = pad_states(rows["states"].to_pylist(), rows["length"].to_numpy(), self.cache.dtype)
+            pos = torch.from_numpy(rows["pos"].to_numpy().astype(np.int64))
+            prompts = ({"states": states[s : s + 32], "mask": mask[s : s + 32], "pos": pos[s : s + 32]}
+                       for s in range(0, len(pos), 32))
+            image = self.catalog.image if self.cfg.model.image_dim else None
+            return readout_statistics(model, CachedInputs(self.cache, 64, image).items(ids), prompts)
+        from karma_ray.data.events import train_events_path
+        import pyarrow.parquet as pq
+
+        first = pq.ParquetFile(sorted(train_events_path(self.cfg.data_dir).glob("*.parquet"))[0]).read_row_group(0)
+        first = first.slice(0, n_prompts)
+        tokens = TokenInputs(self.builder, 32)
+        return readout_statistics(model, tokens.items(ids), tokens.interests(
+            [q or "" for q in first["query"].to_pylist()], first["history"].to_pylist()))
+
+    def valid_hr(self, model: KarmaModel, k: int = 50) -> float:
+        """Validation HR@k on the cached validation prompts, history excluded, no prior (rank 0's curve)."""
+        from karma_ray.eval.evaluate import SplitEvents, embedding_scores, split_ranks
+        from karma_ray.eval.stats import hits_at
+        from karma_ray.models.inference import CachedInputs, embed
+
+        was = model.training
+        split = SplitEvents.load(self.cfg.data_dir, "valid", self.cfg.eval)
+        cached = CachedInputs(self.cache, 64, self.items.image.numpy() if self.items.image is not None else None)
+        h = {"valid": embed(model, cached.interests("valid"), "interest")}
+        e = embed(model, cached.items(), "item")
+        model.train(was)
+        return float(hits_at(split_ranks(split, self.catalog.ids, embedding_scores(h, e)("valid")), k).mean())
+
+    def collate(self, raw: dict[str, Any], device) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            from karma_ray.cache.store import collate_train
+
+            batch = collate_train(raw, self.items, self.cfg.data.max_negatives, self.cache.dtype, self.logq,
+                                  self.cfg.loss.lambda_gen > 0, self.cfg.loss.lambda_rec > 0)
+        else:
+            batch = {k: torch.as_tensor(v) for k, v in raw.items()}
+        return trim_padding({k: v.to(device) for k, v in batch.items()})
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def save_checkpoint(model: KarmaModel, opt, sched, state: dict[str, Any], out: Path) -> None:
+    """safetensors for weights and RNG state, torch.save only for the optimizer's tensors and numbers."""
+    save_file(model.trainable_state(), str(out / "model.safetensors"))
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, out / "optimizer.pt")
-    (out / "train_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    save_file({"torch_rng": torch.get_rng_state()}, str(out / "rng.safetensors"))
+    (out / "train_state.json").write_text(json.dumps(state))
 
 
-def load_checkpoint(model: KarmaModel, opt, sched, ckpt_dir: Path) -> tuple[int, dict]:
-    load_model(model, str(ckpt_dir / "model.safetensors"))
+def load_checkpoint(model: KarmaModel, opt, sched, ckpt_dir: Path) -> dict[str, Any]:
+    model.load_trainable_state(load_file(str(ckpt_dir / "model.safetensors")), str(ckpt_dir))
     state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)  # tensors and plain containers only
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
-    train_state = json.loads((ckpt_dir / "train_state.json").read_text())
-    return int(train_state["step"]), train_state
+    if (ckpt_dir / "rng.safetensors").exists():
+        torch.set_rng_state(load_file(str(ckpt_dir / "rng.safetensors"))["torch_rng"])
+    return json.loads((ckpt_dir / "train_state.json").read_text())
 
 
+# ---- collapse alarm ------------------------------------------------------------------------
 def probe_batch(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """The first n interest prompts of a batch, cut at [INT] (the L_gen target after it is not prompt)."""
     pos = batch["int_pos"][:n]
     width = int(pos.max()) + 1
     mask = batch["int_mask"][:n, :width] * (torch.arange(width, device=pos.device)[None, :] <= pos[:, None]).to(batch["int_mask"].dtype)
-    return {"ids": batch["int_ids"][:n, :width], "mask": mask, "pos": pos}
+    key = "int_states" if "int_states" in batch else "int_ids"
+    return {key.removeprefix("int_"): batch[key][:n, :width], "mask": mask, "pos": pos}
 
 
 def probe_collapse(model: KarmaModel, probe: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sink rate and mean [INT]-row entropy on the fixed probe (the collapse alarm's reading)."""
+    """Sink rate and mean [INT]-row entropy of the trainable layers on the fixed probe (the alarm's reading)."""
     was_training = model.training
     model.eval()
-    attns = model.interest_attentions(probe["ids"], probe["mask"])
+    attns = model.interest_attentions(probe.get("ids"), probe["mask"], states=probe.get("states"))
     model.train(was_training)
     entropy, _ = interest_row_concentration(attns, probe["pos"])
     return {"sink_rate": sink_rates(attns, probe["mask"])[0], "int_attn_entropy": sum(entropy) / len(entropy)}
 
 
-def _lr_of(opt, name: str) -> float:
-    return next(g["lr"] for g in opt.param_groups if g["name"] == name)
+def collapse_alarm(sink_rate: float, frozen_rate: float, ratio: float) -> bool:
+    """True when the sink rate has risen past ratio × the frozen rate (floored at 1%: a frozen rate
+    of 0 would otherwise alarm on the first head that turns into a sink)."""
+    return sink_rate > ratio * max(frozen_rate, 1.0)
 
 
+def _collapse_reading(model: KarmaModel, probe: dict[str, torch.Tensor], base: dict[str, float], ratio: float,
+                      step: int) -> dict[str, float]:
+    """Probe reading as report metrics; a warning when the sink rate passes ratio × the frozen rate."""
+    now = probe_collapse(model, probe)
+    alarm = collapse_alarm(now["sink_rate"], base["sink_rate"], ratio)
+    if alarm:
+        log.warning("collapse alarm at step %d: attention-sink rate %.1f%% > %.1f× the frozen model's %.1f%% "
+                    "([INT] entropy %.3f, frozen %.3f): the interest encoder's attention is drifting from the "
+                    "pretrained model's", step,
+                    now["sink_rate"], ratio, base["sink_rate"], now["int_attn_entropy"], base["int_attn_entropy"])
+    return {"probe_step": step, "sink_rate": now["sink_rate"], "sink_rate_frozen": base["sink_rate"],
+            "int_attn_entropy": now["int_attn_entropy"], "int_attn_entropy_frozen": base["int_attn_entropy"],
+            "collapse_alarm": float(alarm)}
+
+
+# ---- the loop ------------------------------------------------------------------------------
 def _mean_across_workers(values: dict[str, float], device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
@@ -110,74 +213,97 @@ def _mean_across_workers(values: dict[str, float], device) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _batches(shard, batch_size: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of the shard; skips the batches a resumed run has already trained on."""
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2)):
+def _epoch(shard, cfg: KarmaConfig, epoch: int, skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """One pass over this worker's shard as numpy batches, numbered; skips what a resumed run trained on.
+
+    The order is a function of (train.seed, epoch): blocks arrive in a seeded order (the dataset) and
+    rows are shuffled in a seeded local buffer, so a restarted worker sees the same batches again.
+    """
+    batches = shard.iter_batches(batch_size=cfg.train.batch_size, drop_last=True, batch_format="numpy",
+                                 local_shuffle_buffer_size=cfg.train.batch_size * SHUFFLE_BATCHES,
+                                 local_shuffle_seed=cfg.train.seed * 100_003 + epoch, prefetch_batches=2)
+    for i, raw in enumerate(batches):
         if i >= skip:
-            yield batch
+            yield i, raw
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = KarmaConfig.from_dict(config["karma"])
-    steps_per_epoch = max(1, int(config["steps_per_epoch"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)  # Ray pins fractional-CPU workers to 1 thread
     device = ray.train.torch.get_device()
 
-    # 1. Model, optimiser, schedule.
-    model, _ = build_model(cfg.model, cfg.loss)
-    model.to(device)
+    # 1. Model, inputs, optimiser, schedule.
+    model, tok = build_model(cfg.model, cfg.loss)
+    inputs = WorkerInputs(cfg, config.get("cache_root"), tok)
     opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
-    # 2. Resume from the latest checkpoint, if this is a restarted attempt.
-    step, resumed_from, train_state = 0, -1, {}
+    # 2. Resume from the latest checkpoint (weights, optimiser, RNG, position in the data), or start
+    #    from what the frozen model knows (identity readout centred on the data).
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            step, train_state = load_checkpoint(model, opt, sched, Path(d))
-            resumed_from = step
-    probe, probe_base, reading = None, train_state.get("probe_base"), {}  # collapse alarm (rank 0)
+            state = load_checkpoint(model, opt, sched, Path(d))
+    else:
+        model.init_readout(*inputs.readout_statistics(model))
+    model.to(device)
+    step, resumed_from = int(state["step"]), int(state["step"]) if checkpoint else -1
+    probe, probe_base, reading = None, state.get("probe_base"), {}  # collapse alarm (rank 0)
+    validate = bool(cfg.train.valid_every and rank == 0 and inputs.cache is not None)
+    if validate and not checkpoint:  # the curve starts at the frozen model's readout (rows seen = 0)
+        reading["valid_hr@50_step0"] = inputs.valid_hr(model)
 
-    # 3. DDP (gloo on CPU, NCCL on GPU). A λ of 0 leaves heads unused, which DDP must be told about.
+    # 3. DDP (gloo on CPU, NCCL on GPU); only trainable parameters are reduced. A λ of 0 leaves heads unused.
     unused = cfg.loss.lambda_rec == 0 or (cfg.model.image_dim and cfg.loss.lambda_img == 0) or not cfg.model.image_dim
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)})
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    reading.update(_parameter_counts(model, ddp_model))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
+    tally = config.get("reject_tally")
 
-    # 4. The loop: fetch (timed) → forward → backward → clip → step; log, checkpoint.
+    # 4. The loop: fetch (timed) → forward → backward → clip → step; log, checkpoint. Epochs end when
+    #    the stream does (rows the tokeniser rejected never stall it); an empty epoch is an error.
     sums: dict[str, float] = {}
     wait_s = busy_s = 0.0
     tokens = n_steps = 0
     t_last = time.perf_counter()
+    epoch, skip = int(state["epoch"]), int(state["batch_in_epoch"])
     while step < cfg.train.max_steps:
-        epoch = step // steps_per_epoch
         t_fetch = time.perf_counter()
-        for batch in _batches(shard, cfg.train.batch_size, skip=step % steps_per_epoch):
+        seen = skip
+        for i, raw in _epoch(shard, cfg, epoch, skip):
+            seen = i + 1
             t_start = time.perf_counter()
             wait_s += t_start - t_fetch
-            batch = trim_padding({k: v.to(device) for k, v in batch.items()})
+            batch = inputs.collate(raw, device)
             tokens += int(sum(batch[k].sum() for k in TRIM_GROUPS if k in batch))
             if cfg.train.probe_every and rank == 0 and probe is None:
                 probe = probe_batch(batch, cfg.train.probe_prompts)
                 if probe_base is None:  # before the first update: the frozen model's reading
                     probe_base = probe_collapse(model, probe)
+            if step == 0:  # every loss before the first update (e.g. L_gen of the untouched LM)
+                with torch.no_grad(), autocast:
+                    reading.update({f"{k}_step0": float(v) for k, v in model(batch).items()})
 
             with autocast:
                 out = ddp_model(batch)  # dict of scalar losses
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
             opt.step()
             sched.step()
             step += 1
             n_steps += 1
             last = step >= cfg.train.max_steps
             if probe is not None and (step % cfg.train.probe_every == 0 or last):
-                reading = _collapse_alarm(model, probe, probe_base, cfg.train.sink_alarm_ratio, step)
+                reading.update(_collapse_reading(model, probe, probe_base, cfg.train.sink_alarm_ratio, step))
+            if validate and (step % cfg.train.valid_every == 0 or last):
+                reading.update({"valid_hr@50": inputs.valid_hr(model), "valid_step": step})
             for k in LOSS_KEYS:
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach())
@@ -186,47 +312,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or last:
                 elapsed = time.perf_counter() - t_last
                 metrics = _mean_across_workers({k: v / n_steps for k, v in sums.items()}, device)
-                metrics.update(step=step, epoch=epoch, lr=_lr_of(opt, "lm"), resumed_from_step=resumed_from,
+                metrics.update(step=step, epoch=epoch, rows_seen=step * cfg.train.batch_size * world,
+                               lr=_lr_of(opt, "lm"), resumed_from_step=resumed_from,
                                tokens_per_s=tokens * world / max(elapsed, 1e-9), step_s=elapsed / n_steps,
                                data_wait_frac=wait_s / max(wait_s + busy_s, 1e-9), world_size=world)
+                if tally is not None:
+                    metrics["rejected_rows"] = ray.get(tally.total.remote())
                 if reading:  # the latest probe reading rides on the next report
                     metrics.update(reading)
                     reading = {}
-                _report(metrics, model, opt, sched, step, rank,
-                        with_checkpoint=step % cfg.train.checkpoint_every == 0 or last,
-                        extra={"probe_base": probe_base} if probe_base else None)
+                state = {"step": step, "epoch": epoch, "batch_in_epoch": seen, "seed": cfg.train.seed}
+                if probe_base:
+                    state["probe_base"] = probe_base
+                _report(metrics, model, opt, sched, state, rank,
+                        with_checkpoint=step % cfg.train.checkpoint_every == 0 or last)
                 sums, wait_s, busy_s, tokens, n_steps, t_last = {}, 0.0, 0.0, 0, 0, time.perf_counter()
             if last:
                 return
             t_fetch = time.perf_counter()
+        if seen == skip:
+            raise RuntimeError(f"epoch {epoch} gave worker {rank} no training batch of {cfg.train.batch_size} rows: "
+                               "too few valid rows for this many workers (see the rejected-row report)")
+        epoch, skip = epoch + 1, 0
 
 
-def collapse_alarm(sink_rate: float, frozen_rate: float, ratio: float) -> bool:
-    """True when the sink rate has risen past ratio × the frozen rate (floored at 1%: a frozen rate
-    of 0 would otherwise alarm on the first head that turns into a sink)."""
-    return sink_rate > ratio * max(frozen_rate, 1.0)
+def _parameter_counts(model: KarmaModel, ddp_model) -> dict[str, float]:
+    """Bytes of all / trainable parameters, and what DDP actually all-reduces (frozen ones must not be)."""
+    out = {"param_bytes": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+           "trainable_param_bytes": float(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))}
+    if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        data = ddp_model._get_ddp_logging_data()
+        out["ddp_reduced_bytes"] = float(data["total_parameter_size_bytes"])
+    return out
 
 
-def _collapse_alarm(model: KarmaModel, probe: dict[str, torch.Tensor], base: dict[str, float], ratio: float,
-                    step: int) -> dict[str, float]:
-    """Probe reading as report metrics; a warning when the sink rate passes ratio × the frozen rate."""
-    now = probe_collapse(model, probe)
-    alarm = collapse_alarm(now["sink_rate"], base["sink_rate"], ratio)
-    if alarm:
-        log.warning("collapse alarm at step %d: attention-sink rate %.1f%% > %.1f× the frozen model's %.1f%% "
-                    "([INT] entropy %.3f, frozen %.3f): the interest encoder's attention is drifting from the "
-                    "pretrained model's", step,
-                    now["sink_rate"], ratio, base["sink_rate"], now["int_attn_entropy"], base["int_attn_entropy"])
-    return {"probe_step": step, "sink_rate": now["sink_rate"], "sink_rate_frozen": base["sink_rate"], "int_attn_entropy": now["int_attn_entropy"],
-            "int_attn_entropy_frozen": base["int_attn_entropy"], "collapse_alarm": float(alarm)}
+def _lr_of(opt, name: str) -> float:
+    return next((g["lr"] for g in opt.param_groups if g["name"] == name), opt.param_groups[0]["lr"])
 
 
-def _report(metrics: dict[str, Any], model: KarmaModel, opt, sched, step: int, rank: int, with_checkpoint: bool,
-            extra: dict | None = None) -> None:
+def _report(metrics: dict[str, Any], model: KarmaModel, opt, sched, state: dict[str, Any], rank: int,
+            with_checkpoint: bool) -> None:
     """Every rank reports the same number of times; only rank 0 attaches the checkpoint."""
     if not (with_checkpoint and rank == 0):
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, opt, sched, step, Path(tmp), extra)
+        save_checkpoint(model, opt, sched, state, Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm.auto import tqdm
 
 from karma_ray.config import KarmaConfig
-from karma_ray.data.pipeline import build_train_dataset, count_train_rows
+from karma_ray.data.pipeline import build_train_dataset
 from karma_ray.train.loop import train_loop_per_worker
 
 
@@ -63,14 +63,41 @@ def storage_path(cfg: KarmaConfig) -> str:
     return p if "://" in p else str(Path(p).resolve())
 
 
-def build_trainer(cfg: KarmaConfig, run_name: str, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
-    steps_per_epoch = count_train_rows(cfg) // (cfg.train.batch_size * cfg.train.num_workers)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{cfg.data.path}: fewer training rows than one global batch "
-                         f"({cfg.train.batch_size} x {cfg.train.num_workers} workers)")
+@ray.remote(num_cpus=0)
+class RejectTally:
+    """Rows the tokeniser rejected, summed over its actors: reported every log step and kept in the manifest."""
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {"rejected": 0, "reasons": {}, "examples": []}
+
+    def add(self, report: dict[str, Any]) -> None:
+        self.report["rejected"] += report.get("rejected", 0)
+        for reason, n in report.get("reasons", {}).items():
+            self.report["reasons"][reason] = self.report["reasons"].get(reason, 0) + n
+        self.report["examples"] = (self.report["examples"] + report.get("examples", []))[:10]
+
+    def total(self) -> int:
+        return self.report["rejected"]
+
+    def get(self) -> dict[str, Any]:
+        return self.report
+
+
+def train_dataset(cfg: KarmaConfig, cache_root: str | None, tally) -> ray.data.Dataset:
+    """Cached trunk states (frozen trunk) or tokenised events, in a block order seeded by train.seed."""
+    if cache_root:
+        ds = ray.data.read_parquet(str(Path(cache_root) / "kind=train"), num_cpus=cfg.data.read_num_cpus)
+    else:
+        ds = build_train_dataset(cfg, tally)
+    return ds.randomize_block_order(seed=cfg.train.seed)
+
+
+def build_trainer(cfg: KarmaConfig, run_name: str, callbacks: list[UserCallback] | None = None,
+                  cache_root: str | None = None, tally=None) -> TorchTrainer:
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # a seed fixes the row order
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"karma": cfg.to_dict(), "steps_per_epoch": steps_per_epoch},
+        train_loop_config={"karma": cfg.to_dict(), "cache_root": cache_root, "reject_tally": tally},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
@@ -80,14 +107,15 @@ def build_trainer(cfg: KarmaConfig, run_name: str, callbacks: list[UserCallback]
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
-        datasets={"train": build_train_dataset(cfg)},
+        datasets={"train": train_dataset(cfg, cache_root, tally)},
     )
 
 
-def fit(cfg: KarmaConfig, run_name: str, show_progress: bool = True) -> tuple[ray.train.Result, list[dict[str, Any]]]:
+def fit(cfg: KarmaConfig, run_name: str, show_progress: bool = True, cache_root: str | None = None,
+        tally=None) -> tuple[ray.train.Result, list[dict[str, Any]]]:
     """Run training to completion; returns the Result and every rank-0 report (for plots/manifests)."""
     tracker = ProgressTracker.remote()
-    trainer = build_trainer(cfg, run_name, callbacks=[ProgressCallback(tracker)])
+    trainer = build_trainer(cfg, run_name, callbacks=[ProgressCallback(tracker)], cache_root=cache_root, tally=tally)
     box: dict[str, Any] = {}
 
     def _fit() -> None:

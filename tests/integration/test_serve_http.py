@@ -32,14 +32,14 @@ def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
         from karma_ray.train.run import run
 
         return run(tiny_cfg, run_name="serve-test", show_progress=False)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from karma_ray.train.export import export_artifact
     from karma_ray.models.karma import build_model
 
     model, _ = build_model(tiny_cfg.model, tiny_cfg.loss)
     ckpt = tmp_path_factory.mktemp("serve-ckpt")
-    save_model(model, str(ckpt / "model.safetensors"))
+    save_file(model.trainable_state(), str(ckpt / "model.safetensors"))  # what a training checkpoint holds
     return export_artifact(tiny_cfg, ckpt, "serve-test", {"train": {}}, show_progress=False)
 
 

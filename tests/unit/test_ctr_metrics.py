@@ -1,4 +1,4 @@
-"""AUC / GAUC against hand-computed cases (DESIGN §4), including ties and single-class users."""
+"""AUC / GAUC against hand-computed cases (docs/design.md §4), including ties and single-class users."""
 from __future__ import annotations
 
 import itertools

@@ -12,7 +12,8 @@ import pytest
 from karma_ray.data import movielens
 from karma_ray.data.movielens import load_movielens, ratings_to_clicks
 from karma_ray.data.schema import ITEMS_SCHEMA, items_schema, validate_items
-from karma_ray.data.synthetic import SESSIONS_SCHEMA, SyntheticConfig, generate_synthetic
+from karma_ray.data.schema import CLICKS_SCHEMA
+from karma_ray.data.synthetic import SyntheticConfig, generate_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +44,41 @@ def test_movielens_sizes_and_first_title(ml):
     assert pc.count_distinct(ratings["user_id"]).as_py() == 943
     first = items.filter(pc.equal(items["item_id"], 1)).to_pylist()[0]
     assert first == {"item_id": 1, "title": "Toy Story (1995)", "category": "Animation, Children's, Comedy",
-                     "attributes": "released 1995"}  # fmt: skip
+                     "attributes": ""}  # fmt: skip  (the year once, in the title)
     assert validate_items(items)[1].ok
 
 
-def test_movielens_ratings_sorted_by_user_ts_item(ml):
+def test_movielens_ratings_keep_the_log_order(ml):
     _, ratings = ml
     assert ratings.column_names == ["user_id", "item_id", "ts", "rating"]
-    key = np.lexsort((ratings["item_id"].to_numpy(), ratings["ts"].to_numpy(), ratings["user_id"].to_numpy()))
-    assert np.array_equal(key, np.arange(ratings.num_rows))
+    assert ratings.slice(0, 2).to_pylist() == [  # the first lines of u.data
+        {"user_id": 196, "item_id": 242, "ts": 881250949, "rating": 3},
+        {"user_id": 186, "item_id": 302, "ts": 891717742, "rating": 3},
+    ]
 
 
-def test_movielens_clicks_negatives_are_same_user_low_ratings_near_in_time(ml):
+def test_movielens_clicks_negatives_are_same_user_low_ratings_from_before_the_click(ml):
     _, ratings = ml
     clicks = ratings_to_clicks(ratings)
     assert clicks.num_rows == int((ratings["rating"].to_numpy() >= 4).sum())
     assert set(clicks["query"].to_pylist()) == {""}
     r = ratings.to_pandas()
-    low = r[r.rating < 4]
-    for row in clicks.slice(0, 200).to_pylist():  # spot-check against a brute-force reference
-        mine = low[low.user_id == row["user_id"]]
-        dist = (mine.ts - row["ts"]).abs().to_numpy()
-        expected_d = np.sort(dist)[:8]
-        got = mine.set_index("item_id").loc[row["negatives"]]
-        assert len(row["negatives"]) == min(8, len(mine))
-        assert np.array_equal(np.sort((got.ts - row["ts"]).abs().to_numpy()), expected_d)
+    r["log_pos"] = np.arange(len(r))
+    r = r.sort_values(["user_id", "ts", "log_pos"], kind="stable")
+    for row in clicks.slice(0, 300).to_pylist():  # spot-check against a brute-force reference
+        mine = r[r.user_id == row["user_id"]]
+        at = mine.index[(mine.item_id == row["item_id"]) & (mine.ts == row["ts"]) & (mine.rating >= 4)][0]
+        before = mine.loc[: at].iloc[:-1]  # everything the user rated earlier in (time, log) order
+        expected = before[before.rating < 4].item_id.tolist()[::-1][:8]  # the most recent first
+        assert row["negatives"] == expected
+
+
+def test_ratings_to_clicks_never_takes_a_negative_from_after_the_click():
+    ratings = pa.table({"user_id": [1, 1, 1, 1, 1], "item_id": [10, 11, 12, 13, 14], "ts": [5, 1, 5, 9, 5],
+                        "rating": [5, 2, 1, 1, 2]})
+    clicks = ratings_to_clicks(ratings, max_negatives=8)
+    # log order within ts=5: item 10 (the click), then 12 and 14 come after it; 11 (ts 1) is before
+    assert clicks.to_pylist()[0]["negatives"] == [11]
 
 
 def test_recbole_atomic_fallback_parser(tmp_path):
@@ -81,7 +92,7 @@ def test_recbole_atomic_fallback_parser(tmp_path):
     inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n")
     items = movielens._items_from_recbole(item)
     assert items.to_pylist() == [
-        {"item_id": 1, "title": "Toy Story (1995)", "category": "Animation, Children's, Comedy", "attributes": "released 1995"},
+        {"item_id": 1, "title": "Toy Story (1995)", "category": "Animation, Children's, Comedy", "attributes": ""},
         {"item_id": 2, "title": 'Say "Hi"', "category": "Drama", "attributes": ""},
     ]
     ratings = movielens._ratings_from_recbole(inter)
@@ -94,7 +105,7 @@ def test_recbole_atomic_fallback_parser(tmp_path):
 def test_synthetic_schemas(syn):
     items, sessions = syn
     assert items.schema.equals(items_schema(16))
-    assert sessions.schema.equals(SESSIONS_SCHEMA)
+    assert sessions.schema.equals(CLICKS_SCHEMA)
     assert items.num_rows == 2000 and validate_items(items)[1].ok
     row = items.to_pylist()[0]
     assert " > " in row["category"]

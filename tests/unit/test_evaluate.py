@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from karma_ray.eval.evaluate import EvalConfig, exact_ranks, retrieval_report, summarize
-from karma_ray.models.sasrec import SASRec, SASRecConfig, train_sasrec
+from karma_ray.config import BaselinesConfig, EvalConfig
+from karma_ray.eval.evaluate import exact_ranks, retrieval_report, summarize
+from karma_ray.models.sasrec import SASRec, train_sasrec
 
 ITEMS = np.array([10, 20, 30, 40, 50])
 
@@ -16,6 +17,13 @@ def test_exact_ranks_exclude_history_and_count_ties_against_the_target():
                        [0.1, 0.2, 0.3, 0.4, 0.5]])  # target 99 is not in the catalogue → 0 (a miss)
     ranks = exact_ranks(scores, ITEMS, [[10], [], [50]], np.array([30, 20, 99]))
     assert ranks.tolist() == [2, 3, 0]
+
+
+def test_every_earlier_click_is_excluded_however_long_the_history():
+    items = np.arange(1, 201)
+    scores = -items[None, :].astype(float)  # item 1 scores best, item 200 worst
+    history = list(range(1, 151))  # 150 earlier clicks: all of them leave the ranking, not only the last 50
+    assert exact_ranks(scores, items, [history], np.array([160])).tolist() == [10]
 
 
 def test_a_target_that_also_sits_in_the_history_is_still_ranked():
@@ -45,20 +53,40 @@ def test_eval_config_rejects_nonsense():
         EvalConfig(ks=(0, 10))
     with pytest.raises(ValueError, match="max_events"):
         EvalConfig(max_events=-1)
+    with pytest.raises(ValueError, match="protocol"):
+        EvalConfig(protocol="random")
 
 
 def test_sasrec_learns_a_deterministic_next_item_and_never_returns_nan():
     items = np.arange(1, 21)
     histories = [[i] for i in range(1, 20)] * 20  # the next item is always id + 1
     targets = np.array([h[0] + 1 for h in histories])
-    model, losses = train_sasrec(items, histories, targets, n_examples=20000,
-                                 cfg=SASRecConfig(dim=32, layers=1, heads=2, max_len=4, dropout=0.0, lr=1e-2))
-    assert losses[-1] < losses[0]
+    cfg = BaselinesConfig(sasrec_dim=32, sasrec_layers=1, sasrec_heads=2, sasrec_max_len=4, sasrec_dropout=0.0,
+                          sasrec_lr=1e-2, sasrec_batch_size=64, sasrec_max_epochs=12)
+    model, log = train_sasrec(items, histories, targets, cfg)
+    assert log[-1]["loss"] < log[0]["loss"]
     scores = model.scores([[3], [], [7, 8]])
     assert not np.isnan(scores).any()  # an empty history is a row of padding, not NaN
     assert items[scores[0].argmax()] == 4 and items[scores[2].argmax()] == 9
 
 
 def test_sasrec_maps_unknown_ids_to_padding():
-    model = SASRec(np.array([5, 7, 9]), SASRecConfig(dim=8, heads=2, max_len=3))
+    model = SASRec(np.array([5, 7, 9]), BaselinesConfig(sasrec_dim=8, sasrec_heads=2, sasrec_max_len=3))
     assert model.rows([7, 6, 9, 100]).tolist() == [2, 0, 3, 0]
+
+
+def test_sasrec_is_initialised_like_recbole():
+    model = SASRec(np.arange(1, 101), BaselinesConfig())
+    assert abs(float(model.item.weight.detach().std()) - 0.02) < 0.003  # N(0, 0.02), no √d scaling
+    loss = model.loss([[1, 2, 3]] * 8, [4] * 8)
+    assert loss.item() < np.log(100) + 0.5  # a fresh model is near uniform, not far above it
+
+
+def test_sasrec_stops_early_on_validation_and_keeps_the_best_epoch():
+    items = np.arange(1, 21)
+    histories = [[i] for i in range(1, 20)] * 5
+    targets = np.array([h[0] + 1 for h in histories])
+    scores = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.2])
+    cfg = BaselinesConfig(sasrec_dim=16, sasrec_layers=1, sasrec_max_len=4, sasrec_max_epochs=50, sasrec_patience=3)
+    _, log = train_sasrec(items, histories, targets, cfg, validate=lambda m: next(scores))
+    assert len(log) == 5 and max(r["valid"] for r in log) == 0.3

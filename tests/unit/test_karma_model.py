@@ -1,4 +1,4 @@
-"""KarmaModel losses on a tiny randomly initialised Llama (real HF model class, real tokenizer)."""
+"""KarmaModel losses on tiny randomly initialised Llama / Gemma-3 models (real HF classes, real tokenizer)."""
 from __future__ import annotations
 
 import dataclasses
@@ -60,22 +60,104 @@ def test_recon_is_a_bottleneck_history_only_reaches_it_through_h(model_and_build
     assert not torch.allclose(a["gen"], b["gen"], atol=1e-4)
 
 
-def test_recon_gradients_reach_the_interest_encoder(model_and_builder):
+def test_deep_prefix_recon_has_no_path_to_the_history(model_and_builder):
+    """P(h) enters at the first trainable layer: with h held fixed, no gradient of L_recon reaches the
+    interest prompt's states, and the prompt's states cannot change L_recon."""
+    model, builder = model_and_builder
+    batch = batch_for(builder, ROWS)
+    int_states = model.trunk(batch["int_ids"], batch["int_mask"]).float().requires_grad_(True)
+    h = model.encode_interest(mask=batch["int_mask"], pos=batch["int_pos"], states=int_states)
+    rec_states = model.trunk(batch["rec_ids"], batch["rec_mask"])
+    loss = model.reconstruction_loss(h.detach(), rec_states, batch["rec_mask"], batch["rec_labels"])
+    assert torch.autograd.grad(loss, int_states, allow_unused=True)[0] is None
+    (g,) = torch.autograd.grad(model.reconstruction_loss(h, rec_states, batch["rec_mask"], batch["rec_labels"]), int_states)
+    assert g.abs().sum() > 0  # ... while through h it does
+    assert model.split == 1 and model._top.lo == 1  # the prefix sits at layer L - k, above the frozen trunk
+
+
+def test_recon_gradients_reach_the_trainable_top_and_never_the_frozen_trunk(model_and_builder):
     model, builder = model_and_builder
     model.zero_grad()
     model(batch_for(builder, ROWS))["rec"].backward()
     assert model.int_proj.weight.grad.abs().sum() > 0
-    first_layer = model.lm.get_decoder().layers[0]
-    assert first_layer.self_attn.q_proj.weight.grad.abs().sum() > 0  # through h into the shared LM
+    layers = model.lm.get_decoder().layers
+    assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0  # through h into the trainable top
+    assert layers[0].self_attn.q_proj.weight.grad is None  # the frozen trunk gets no gradient at all
+    assert model.lm.get_input_embeddings().weight.grad is None
     assert model.item_proj.weight.grad is None or model.item_proj.weight.grad.abs().sum() == 0
     model.zero_grad()
+
+
+def test_frozen_parameters_stay_bit_identical_through_training_steps():
+    """The embeddings (special-token rows included), the bottom layers and the tied LM head never move."""
+    from karma_ray.train.loop import param_groups
+
+    model, tok = build_model(CFG.model, CFG.loss)
+    builder = PromptBuilder(tok, ITEMS, CFG.data)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in frozen) and any(".layers.0." in n for n in frozen)
+    assert all(".layers.1." in n or not n.startswith("lm.") or n.endswith("model.norm.weight") for n in trained)
+    opt = torch.optim.AdamW(param_groups(model, CFG), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(batch_for(builder, ROWS))["loss"].backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
+
+
+def test_training_starts_from_the_frozen_readout():
+    """init_readout: W = I and b = −W·mean, so h·e at step 0 is the centred cosine of the pooled states."""
+    model, tok = build_model(CFG.model.__class__(**{**dataclasses.asdict(CFG.model), "emb_dim": 0}), CFG.loss)
+    builder = PromptBuilder(tok, ITEMS, CFG.data)
+    items = to_torch(builder.items_batch(list(range(1, 41))))
+    prompts = to_torch(builder.interest_batch(ROWS["query"], ROWS["history"]))
+    with torch.no_grad():
+        item_x = model.item_pooled(items["ids"], items["mask"], items["pos"])
+        int_x = model.interest_pooled(prompts["int_ids"], prompts["int_mask"], prompts["int_pos"])
+        model.init_readout(item_x, int_x)
+        e = model.encode_items(ids=items["ids"], mask=items["mask"], pos=items["pos"])
+        h = model.encode_interest(ids=prompts["int_ids"], mask=prompts["int_mask"], pos=prompts["int_pos"])
+    expect_e = torch.nn.functional.normalize(item_x - item_x.mean(0), dim=-1)
+    expect_h = torch.nn.functional.normalize(int_x - int_x.mean(0), dim=-1)
+    assert torch.allclose(e, expect_e, atol=1e-5) and torch.allclose(h, expect_h, atol=1e-5)
+
+
+def test_tiny_gemma3_trains_through_the_same_code_with_bos():
+    cfg = CFG.model.__class__(**{**dataclasses.asdict(CFG.model), "backbone": "tiny-gemma3"})
+    model, tok = build_model(cfg, CFG.loss)
+    tok.add_bos_token = True  # Gemma's tokenizer prepends BOS to plain text; SmolLM2's does not
+    model.bos = tok.bos_token_id
+    builder = PromptBuilder(tok, ITEMS, CFG.data)
+    batch = batch_for(builder, ROWS)
+    assert (batch["int_ids"][:, 0] == tok.bos_token_id).all() and (batch["rec_ids"][:, 0] == tok.bos_token_id).all()
+    out = model(batch)
+    assert all(torch.isfinite(out[k]) for k in ("act", "gen", "rec"))
+    out["loss"].backward()
+    assert model.lm.get_decoder().layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    seqs = model.decode_from_h(torch.nn.functional.normalize(torch.randn(2, model.item_proj.out_features), dim=-1),
+                               torch.tensor(builder.decode_prefix), builder.eos_id, 3)
+    assert len(seqs) == 2
+
+
+def test_soft_states_start_at_the_residual_stream_scale_where_they_enter(model_and_builder):
+    model, builder = model_and_builder
+    batch = batch_for(builder, ROWS)
+    states = model.trunk(batch["int_ids"], batch["int_mask"]).float()[:, 1:]
+    rms = states.pow(2).mean(-1).sqrt()[batch["int_mask"][:, 1:] > 0]
+    assert 0.5 < float(model.soft_scale.detach()) / float(rms.median()) < 2.0
+    p = model.soft_prefix(torch.nn.functional.normalize(torch.randn(2, model.item_proj.out_features), dim=-1))
+    assert torch.allclose(p.pow(2).mean(-1).sqrt(), model.soft_scale.expand(2, p.shape[1]), rtol=1e-3)
 
 
 @pytest.mark.parametrize("off", ["gen", "rec"])
 def test_lambda_zero_removes_the_loss_and_its_inputs(model_and_builder, off):
     model, builder = model_and_builder
     loss_cfg = dataclasses.replace(CFG.loss, **{f"lambda_{off}": 0.0})
-    ablated = KarmaModel(model.lm, CFG.model, loss_cfg, model.token_ids)
+    ablated = KarmaModel(model.lm, CFG.model, loss_cfg, model.token_ids, model.bos)
     ablated.load_state_dict(model.state_dict())
     batch = batch_for(builder, ROWS, gen=off != "gen", rec=off != "rec")
     assert ("gen_labels" in batch) == (off != "gen") and ("rec_ids" in batch) == (off != "rec")
@@ -124,10 +206,13 @@ def test_save_and_load_round_trip_without_pickle(model_and_builder, tmp_path):
     loaded, _ = KarmaModel.load(tmp_path)
     arr = to_torch(builder.interest_batch(["red lamp"], [[1, 2]]))
     with torch.no_grad():
-        a = model.eval().encode_interest(arr["int_ids"], arr["int_mask"], arr["int_pos"])
-        b = loaded.encode_interest(arr["int_ids"], arr["int_mask"], arr["int_pos"])
+        a = model.eval().encode_interest(ids=arr["int_ids"], mask=arr["int_mask"], pos=arr["int_pos"])
+        b = loaded.encode_interest(ids=arr["int_ids"], mask=arr["int_mask"], pos=arr["int_pos"])
+    model.train()
     assert torch.allclose(a, b, atol=1e-5)
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+    assert not any(".layers.0." in k for k in __import__("safetensors.torch").torch.load_file(
+        str(tmp_path / "encoder" / "lm.safetensors")))  # the frozen trunk is not stored
 
 
 def _bare_model(**loss) -> KarmaModel:
@@ -138,22 +223,35 @@ def _bare_model(**loss) -> KarmaModel:
     return m
 
 
-def test_logq_correction_is_subtracted_from_every_candidate_logit():
-    """pairwise, one row, one hard negative, no in-batch: loss = softplus((s⁻ − log q⁻) − (s⁺ − log q⁺))."""
-    h = torch.tensor([[1.0, 0.0]])
-    e_pos, e_neg = torch.tensor([[0.6, 0.8]]), torch.tensor([[[0.8, 0.6]]])
-    pos_item, neg_item = torch.tensor([1]), torch.tensor([[2]])
-    logq_pos, logq_neg = torch.tensor([-4.0]), torch.tensor([[-1.0]])  # the negative is the popular one
-    m = _bare_model(in_batch_negatives=False)
-    corrected, _ = m.action_loss(h, e_pos, e_neg, pos_item, neg_item, logq_pos, logq_neg)
-    expected = torch.nn.functional.softplus(torch.tensor((0.8 + 1.0) - (0.6 + 4.0)))
-    assert corrected.item() == pytest.approx(expected.item(), rel=1e-5)
-    plain, _ = _bare_model(in_batch_negatives=False, logq_correction=False).action_loss(
-        h, e_pos, e_neg, pos_item, neg_item, logq_pos, logq_neg)
-    assert plain.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.8 - 0.6)).item(), rel=1e-5)
+def test_logq_correction_applies_to_in_batch_candidates_only():
+    """Two rows, one hard negative each, cross-row hard negatives off. Row 0's in-batch pair (against row 1's
+    click) is corrected on both sides; its hard-negative pair is not: hard negatives are not drawn by click share."""
+    sp = torch.nn.functional.softplus
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e_pos = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    e_neg = torch.tensor([[[0.8, 0.6]], [[0.6, 0.8]]])
+    pos_item, neg_item = torch.tensor([1, 2]), torch.tensor([[3], [4]])
+    logq = torch.tensor([-4.0, -1.0])  # row 1's click (item 2) is the popular one
+    m = _bare_model(cross_row_hard_negatives=False)
+    loss, _ = m.action_loss(h, e_pos, e_neg, pos_item, neg_item, logq)
+    row0 = (sp(torch.tensor((0.8 + 1.0) - (0.6 + 4.0))) + sp(torch.tensor(0.8 - 0.6))) / 2
+    row1 = (sp(torch.tensor((0.8 + 4.0) - (0.6 + 1.0))) + sp(torch.tensor(0.8 - 0.6))) / 2
+    assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-5)
+    plain, _ = _bare_model(cross_row_hard_negatives=False, logq_correction=False).action_loss(
+        h, e_pos, e_neg, pos_item, neg_item, logq)
+    assert plain.item() == pytest.approx(sp(torch.tensor(0.8 - 0.6)).item(), rel=1e-5)
 
 
-def test_training_batch_carries_log_click_shares_when_the_builder_has_them(model_and_builder):
+def test_other_rows_hard_negatives_are_a_switch():
+    h = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    e_pos, e_neg = h.clone(), torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
+    pos_item, neg_item = torch.tensor([1, 2, 3]), torch.tensor([[4, 5], [6, 7], [8, 9]])
+    with_cross, _ = _bare_model().action_loss(h, e_pos, e_neg, pos_item, neg_item)
+    own_only, _ = _bare_model(cross_row_hard_negatives=False).action_loss(h, e_pos, e_neg, pos_item, neg_item)
+    assert with_cross.item() != pytest.approx(own_only.item())
+
+
+def test_training_batch_carries_log_click_shares_of_the_targets_only(model_and_builder):
     import numpy as np
 
     _, builder = model_and_builder
@@ -162,5 +260,5 @@ def test_training_batch_carries_log_click_shares_when_the_builder_has_them(model
         arrays = builder.training_batch(ROWS, False, False)
     finally:
         builder.item_logq = None
-    assert arrays["pos_logq"].shape == (3,) and arrays["neg_logq"].shape == (3, CFG.data.max_negatives)
+    assert arrays["pos_logq"].shape == (3,) and "neg_logq" not in arrays
     assert np.allclose(arrays["pos_logq"], np.log(1 / 40))

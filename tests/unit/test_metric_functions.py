@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from karma_ray.eval.attention import first_key_mass, interest_row_concentration, sink_rates
-from karma_ray.eval.fidelity import bootstrap_ci, effective_rank, token_f1
+from karma_ray.eval.fidelity import effective_rank, token_f1
+from karma_ray.eval.stats import cluster_bootstrap_ci, paired_difference
 from karma_ray.eval.retrieval import exclude_and_cut, hit_rate, ndcg, retrieval_metrics, target_ranks
 
 
@@ -86,8 +87,29 @@ def test_effective_rank_is_a_participation_ratio():
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
-    hits = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0], float)
-    lo, hi = bootstrap_ci(hits, n_boot=500, seed=3)
-    assert lo <= hits.mean() <= hi and (lo, hi) == bootstrap_ci(hits, n_boot=500, seed=3)
-    assert bootstrap_ci(np.ones(5)) == (1.0, 1.0)
-    assert all(math.isnan(x) for x in bootstrap_ci(np.array([])))
+    hits = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1, 0], dtype=float)
+    lo, hi = cluster_bootstrap_ci(hits, n_boot=500, seed=3)
+    assert lo <= hits.mean() <= hi and (lo, hi) == cluster_bootstrap_ci(hits, n_boot=500, seed=3)
+    assert cluster_bootstrap_ci(np.ones(5)) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in cluster_bootstrap_ci(np.array([])))
+
+
+def test_cluster_bootstrap_resamples_whole_clusters():
+    """200 events on 4 items, all hits on one item: event resampling is far too confident."""
+    values = np.repeat([1.0, 0.0, 0.0, 0.0], 50)
+    clusters = np.repeat([7, 8, 9, 10], 50)
+    event_lo, event_hi = cluster_bootstrap_ci(values, None, n_boot=2000, seed=0)
+    lo, hi = cluster_bootstrap_ci(values, clusters, n_boot=2000, seed=0)
+    assert event_hi - event_lo < 0.15 and hi - lo > 0.4
+    # every replicate is a mean of whole clusters: only multiples of 1/4 can occur
+    assert {lo * 4, hi * 4} <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_paired_difference_pairs_by_seed_and_event():
+    a = np.array([[1, 1, 0, 1], [1, 0, 1, 1]], float)
+    b = np.array([[0, 1, 0, 1], [0, 0, 1, 0]], float)
+    d = paired_difference(a, b, clusters=np.array([1, 2, 3, 4]), n_boot=500, seed=0)
+    assert d["diff"] == pytest.approx(3 / 8) and d["n_seeds"] == 2 and d["n_clusters"] == 4
+    assert d["ci"][0] <= d["diff"] <= d["ci"][1]
+    with pytest.raises(ValueError, match="shape"):
+        paired_difference(a, b[:, :3], clusters=np.arange(3))

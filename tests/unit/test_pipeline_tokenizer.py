@@ -13,12 +13,12 @@ from karma_ray.data.schema import EVENTS_SCHEMA
 
 
 def test_tokenizer_rejects_bad_rows_with_count_and_examples(tmp_path, caplog):
-    prepare_dataset("synthetic", tmp_path, n_items=150, n_users=40, seed=1)
+    prepare_dataset("synthetic", tmp_path / "cold", n_items=150, n_users=40, seed=1)
     cfg = get_preset("tiny").with_overrides([f"data.path={tmp_path}"])
-    good = pq.read_table(tmp_path / "valid.parquet").slice(0, 4)
+    good = pq.read_table(tmp_path / "cold" / "valid.parquet").slice(0, 4)
     bad = pa.table({"user_id": [1, None], "ts": [1, 2], "query": ["", ""], "history": [[999999], [1]],
                     "target": [1, 2], "negatives": [[], []]}, schema=EVENTS_SCHEMA)
-    tokenize = TokenizeEvents(cfg.to_dict(), str(tmp_path))
+    tokenize = TokenizeEvents(cfg.to_dict(), str(tmp_path / "cold"))
     with caplog.at_level(logging.WARNING):
         out = tokenize(pa.concat_tables([good, bad]))
     assert out["int_ids"].shape[0] == 4  # the 4 valid rows went on

@@ -1,0 +1,189 @@
+"""Build the trunk cache with Ray Data: an actor pool runs the frozen trunk over every fixed-text input.
+
+A cache is reused whenever its key matches (backbone weights, trainable_layers, dtype, prompt settings,
+data hash, protocol, evaluation sample) and rebuilt when it does not. It is written into a hidden
+staging directory and renamed into place, so a crashed build never leaves a half cache behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from karma_ray.cache.store import TrunkCache, cache_key, cache_root, key_hash, to_bytes
+from karma_ray.config import KarmaConfig
+from karma_ray.data.events import eval_events, load_items, train_events_path
+from karma_ray.data.schema import EVENTS_SCHEMA, read_table, validate_events
+from karma_ray.data.split import EVAL_SPLITS
+
+log = logging.getLogger(__name__)
+ROWS_PER_BLOCK = 64  # input blocks; the train partition keeps about this many rows per file, so a seeded
+# block order (trainer.train_dataset) really changes the order rows arrive in
+
+
+@ray.remote(num_cpus=0)
+class RowCounter:
+    """Rows done per kind, so the driver can draw the build's progress."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+    def get(self) -> int:
+        return self.done
+
+
+OUT_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("key", pa.int64()), ("length", pa.int32()), ("pos", pa.int32()), ("states", pa.binary()),
+    ("rec_length", pa.int32()), ("rec_states", pa.binary()), ("rec_labels", pa.list_(pa.int32())),
+    ("gen_labels", pa.list_(pa.int32())), ("target", pa.int64()), ("negatives", pa.list_(pa.int64())),
+])  # one schema for every kind, so one actor pool computes them all (unused columns are null)
+
+
+class TrunkStates:
+    """Ray Data callable class: rows of any kind -> their trunk states as rows of OUT_SCHEMA."""
+
+    def __init__(self, config: dict[str, Any], data_dir: str, counter=None, threads: int = 0):
+        from karma_ray.data.catalog import ItemCatalog
+        from karma_ray.data.prompts import PromptBuilder
+        from karma_ray.models.karma import build_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = KarmaConfig.from_dict(config)
+        self.model, tok = build_model(cfg.model, cfg.loss)
+        self.model.eval()
+        self.builder = PromptBuilder(tok, ItemCatalog(load_items(data_dir, cfg.model.image_dim)), cfg.data,
+                                     cfg.model.image_dim)
+        self.counter = counter
+
+    @torch.no_grad()
+    def _trunk(self, ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        lengths = mask.sum(1)
+        x = self.model.trunk(torch.from_numpy(ids[:, : int(lengths.max())]), torch.from_numpy(mask[:, : int(lengths.max())]))
+        return x, lengths.astype(np.int32)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        kinds = batch["kind"].to_numpy(zero_copy_only=False)
+        parts = [self._rows(kind, batch.filter(pa.array(kinds == kind))) for kind in dict.fromkeys(kinds)]
+        if self.counter is not None:
+            self.counter.add.remote(batch.num_rows)
+        return pa.concat_tables(parts)
+
+    def _rows(self, kind: str, batch: pa.Table) -> pa.Table:
+        n, keys = batch.num_rows, batch["key"].to_numpy()
+        cols: dict[str, Any] = {"kind": [kind] * n, "key": keys}
+        if kind == "items":
+            arr = self.builder.items_batch(keys.tolist())
+            x, lengths = self._trunk(arr["ids"], arr["mask"])
+            rec = self.builder.target_batch(keys.tolist())
+            rx, rlengths = self._trunk(rec["rec_ids"], rec["rec_mask"])
+            cols.update(length=lengths, pos=arr["pos"].astype(np.int32), states=[to_bytes(x[i, :m]) for i, m in enumerate(lengths)],
+                        rec_length=rlengths, rec_states=[to_bytes(rx[i, :m]) for i, m in enumerate(rlengths)],
+                        rec_labels=[row[:m].tolist() for row, m in zip(rec["rec_labels"], rlengths)])
+        else:  # "train" (with L_gen's target text after [INT]) or "eval_<split>" (the prompt alone)
+            train = kind == "train"
+            queries = [q or "" for q in batch["query"].to_pylist()]
+            arr = self.builder.interest_batch(queries, batch["history"].to_pylist(),
+                                              batch["target"].to_numpy().tolist() if train else None)
+            x, lengths = self._trunk(arr["int_ids"], arr["int_mask"])
+            cols.update(length=lengths, pos=arr["int_pos"].astype(np.int32), states=[to_bytes(x[i, :m]) for i, m in enumerate(lengths)])
+            if train:
+                cols.update(gen_labels=[row[:m].tolist() for row, m in zip(arr["gen_labels"], lengths)],
+                            target=batch["target"], negatives=batch["negatives"])
+        return pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in OUT_SCHEMA}, schema=OUT_SCHEMA)
+
+
+def _inputs(cfg: KarmaConfig, data_dir: Path) -> pa.Table:
+    """Every row to cache, one table: kind, key (item id, or the row number within its kind), prompt columns."""
+    train = read_table(train_events_path(data_dir), EVENTS_SCHEMA, "train")  # stored in a seeded random order
+    if cfg.data.train_rows:
+        train = train.slice(0, cfg.data.train_rows)
+    ids = load_items(data_dir, cfg.model.image_dim)["item_id"].to_numpy()
+    train, report = validate_events(train, ids, "train")
+    if not report.ok:
+        log.warning("trunk cache: %s", report.summary())
+    empty = pa.array([], pa.list_(pa.int64()))
+    parts = [pa.table({"kind": ["items"] * len(ids), "key": np.sort(ids), "query": pa.nulls(len(ids), pa.string()),
+                       "history": pa.nulls(len(ids), empty.type), "target": pa.nulls(len(ids), pa.int64()),
+                       "negatives": pa.nulls(len(ids), empty.type)})]
+    tables = {"train": train} | {f"eval_{s}": eval_events(data_dir, s, cfg.eval) for s in EVAL_SPLITS
+                                 if (data_dir / f"{s}.parquet").exists()}
+    for kind, t in tables.items():
+        parts.append(pa.table({"kind": [kind] * t.num_rows, "key": np.arange(t.num_rows), "query": t["query"],
+                               "history": t["history"], "target": t["target"], "negatives": t["negatives"]}))
+    return pa.concat_tables(parts)
+
+
+def _build(cfg: KarmaConfig, data_dir: Path, out: Path, progress: bool) -> float:
+    """Run the trunk over every input row with one actor pool; write Parquet partitioned by kind."""
+    from karma_ray.progress import progress_bar
+
+    table = _inputs(cfg, data_dir)
+    counter = RowCounter.remote()
+    ds = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)])
+    ds = ds.map_batches(TrunkStates, batch_format="pyarrow", batch_size=32, num_cpus=1,
+                        fn_constructor_kwargs={"config": cfg.to_dict(), "data_dir": str(data_dir.resolve()),
+                                               "counter": counter, "threads": cfg.train.torch_threads},
+                        compute=ray.data.ActorPoolStrategy(size=cfg.data.cache_actors))
+    t0 = time.perf_counter()
+    box: dict[str, BaseException] = {}
+
+    def write() -> None:
+        try:
+            ds.write_parquet(str(out), partition_cols=["kind"])
+        except BaseException as e:  # re-raised in the driver thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    with progress_bar(total=table.num_rows, desc="trunk cache", unit="row", enabled=progress) as bar:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            bar.update(ray.get(counter.get.remote()) - bar.n)
+    ray.kill(counter)
+    if "error" in box:
+        raise box["error"]
+    return time.perf_counter() - t0
+
+
+def ensure_cache(cfg: KarmaConfig, progress: bool = True) -> TrunkCache:
+    """The config's trunk cache: reused when its key matches, else built now (Ray must be connected)."""
+    from karma_ray.models.karma import build_model
+
+    if not cfg.model.trainable_layers:
+        raise ValueError("the trunk cache needs a frozen trunk: set model.trainable_layers > 0")
+    data_dir = cfg.data_dir
+    meta = json.loads((data_dir / "meta.json").read_text())
+    model, _ = build_model(cfg.model, cfg.loss)
+    key = cache_key(cfg, model.frozen_fingerprint(), meta["data_hash"])
+    del model
+    root = cache_root(cfg) / key_hash(key)
+    if (root / "key.json").exists():
+        log.info("trunk cache hit: %s", root)
+        return TrunkCache(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        seconds = round(_build(cfg, data_dir, stage, progress), 1)
+        (stage / "key.json").write_text(json.dumps(key | {"build_seconds": seconds}, indent=2))
+        stage.rename(root)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("trunk cache built in %.0f s: %s", seconds, root)
+    return TrunkCache(root)
+
+
+__all__ = ["ensure_cache", "TrunkStates"]
