@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from karma_ray.data.prompts import PromptBuilder
 from karma_ray.data.schema import EVENTS_SCHEMA, read_table
@@ -22,6 +21,7 @@ from karma_ray.eval.attention import SINK_EPS, interest_row_concentration, sink_
 from karma_ray.eval.fidelity import bootstrap_ci, effective_rank, hits_at, token_f1
 from karma_ray.eval.retrieval import exclude_and_cut, retrieval_metrics, target_ranks
 from karma_ray.models.inference import embed_interests, embed_items
+from karma_ray.progress import progress_bar
 
 SPLITS = ("test", "test_cold")
 
@@ -181,7 +181,7 @@ def evaluate_encoder(model, builder: PromptBuilder, data_dir: str | Path, cfg: E
     """Every §4 metric for one LM encoder. `item_emb` (rows in sorted-id order) is recomputed if None."""
     model.eval()
     item_ids = builder.item_ids
-    steps = tqdm(total=len(SPLITS) + 3, desc="evaluate", unit="stage", disable=not progress)
+    steps = progress_bar(total=len(SPLITS) + 3, desc="evaluate", unit="stage", enabled=progress)
     if item_emb is None:
         item_emb = embed_items(model, builder, item_ids, 64, show_progress=False)
     steps.update()

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from karma_ray.data.prompts import PromptBuilder
 from karma_ray.models.karma import KarmaModel
+from karma_ray.progress import progress_bar
 
 
 @torch.no_grad()
@@ -15,7 +15,7 @@ def embed_items(model: KarmaModel, builder: PromptBuilder, item_ids: np.ndarray,
     """(N,) item ids → (N, emb) float32 unit vectors, in the order given."""
     model.eval()
     out = []
-    for start in tqdm(range(0, len(item_ids), batch_size), desc="embed items", unit="batch", disable=not show_progress):
+    for start in progress_bar(range(0, len(item_ids), batch_size), desc="embed items", unit="batch", enabled=show_progress):
         arr = builder.items_batch(item_ids[start : start + batch_size].tolist())
         width = int(arr["mask"].sum(1).max())
         t = {k: torch.from_numpy(v) for k, v in arr.items()}
@@ -28,7 +28,7 @@ def embed_interests(model: KarmaModel, builder: PromptBuilder, queries: list[str
                     batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
     model.eval()
     out = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="embed interests", unit="batch", disable=not show_progress):
+    for start in progress_bar(range(0, len(queries), batch_size), desc="embed interests", unit="batch", enabled=show_progress):
         arr = builder.interest_batch(queries[start : start + batch_size], histories[start : start + batch_size])
         width = int(arr["int_mask"].sum(1).max())
         t = {k: torch.from_numpy(v) for k, v in arr.items()}
