@@ -3,6 +3,11 @@
   python jobs/train.py                              # the `demo` preset, on a local Ray started for you
   ray job submit --working-dir . -- python jobs/train.py --preset demo
   python jobs/train.py --preset ml100k --set train.max_steps=500 --set loss.lambda_rec=0
+  python jobs/train.py --data DIR                   # your data, in the layout of karma_ray/data/prepare.py
+
+Progress goes to stderr: a live bar on a terminal; in a log (`ray job logs`, CI, a file) one line
+per `train.log_every` steps with the loss parts, tokens/s and an ETA (karma_ray.progress). With
+RAY_ADDRESS set (as under `ray job submit`), or --address, it joins that cluster.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from karma_ray.config import PRESETS  # noqa: E402
+from karma_ray.progress import quiet_library_bars_in_logs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,14 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(sections: data, model, loss, train, index; repeatable)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP); same as --set train.num_workers=N")
     p.add_argument("--max-steps", type=int, help="optimizer steps; same as --set train.max_steps=N")
-    p.add_argument("--data", help="prepared data directory (created with prepare_data if missing)")
+    p.add_argument("--data", help="prepared data directory (the preset's dataset is prepared there if the "
+                                  "directory does not exist; an existing one must hold meta.json)")
     p.add_argument("--artifacts-dir", help="where artifacts/<run>/ and artifacts/latest go (default: ./artifacts)")
     p.add_argument("--storage-path", help="Ray Train storage for checkpoints: a local dir or s3://… (default: ./runs)")
     p.add_argument("--address", default=None,
                    help="Ray address; default: the job's cluster under `ray job submit`, else a new local Ray")
     p.add_argument("--run-name", help="name of this run (default: <preset>-<timestamp>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output at all (bars or log lines)")
     return p.parse_args(argv)
 
 
@@ -50,8 +57,23 @@ def resolve_config(args: argparse.Namespace):
     return get_preset(args.preset).with_overrides(overrides)
 
 
+def check_data_dir(path: str | None) -> str | None:
+    """Why `--data` cannot be used, or None. An existing directory without meta.json is not a prepared
+    dataset; preparing the preset's data into it would replace the files there, so refuse."""
+    if path is None or not Path(path).exists() or (Path(path) / "meta.json").exists():
+        return None
+    return (f"{path} exists but is not a prepared dataset (no meta.json, which marks one as complete): "
+            f"use the layout karma_ray/data/prepare.py documents, or a directory that does not exist yet "
+            f"(the preset's dataset is then prepared there)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = check_data_dir(args.data)
+    if problem:
+        print(f"train: error: {problem}", file=sys.stderr)
+        return 2
+    quiet_library_bars_in_logs()
     cfg = resolve_config(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
