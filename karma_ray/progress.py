@@ -2,10 +2,11 @@
 
 On a terminal `progress_bar` returns an ordinary tqdm bar. Anywhere else (`ray job logs`, CI, a
 file) tqdm would redraw with `\\r` on every update, and each redraw becomes its own line in the log
-(a 30-step demo run wrote 429 of them). There it returns `LogLines`, a tqdm whose `display` (the
-method tqdm documents for overriding) writes the bar's text as one line, and only when the count
-has advanced by `log_every`: the training bar advances once per `train.log_every` steps, so it
-writes one line per log step. Counting, rate, ETA and postfix formatting stay tqdm's.
+(a 30-step demo run put 521 bar lines into `ray job logs`). There it returns `LogLines`, a tqdm
+whose `display` (the method tqdm documents for overriding) writes the bar's text as one line, and
+only when the count has advanced by `log_every`: the training bar advances once per
+`train.log_every` steps, so it writes one line per log step. Counting, rate, ETA and postfix
+formatting stay tqdm's.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
+from tqdm import std
 from tqdm.auto import tqdm
 
 LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) | {rate_fmt} | elapsed {elapsed} | ETA {remaining}{postfix}"
@@ -22,7 +24,7 @@ LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit} | {rate_fmt} | elapsed {elapsed}{p
 LOG_LINES_PER_BAR = 10  # default for loops with a known total: a line every tenth of it
 
 
-class LogLines(tqdm):
+class LogLines(std.tqdm):
     """tqdm for logs: each display is one plain line; nothing is cleared or redrawn in place."""
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
@@ -57,7 +59,7 @@ def is_terminal(stream: IO[str]) -> bool:
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, total: float | None = None, desc: str, unit: str = "it",
-                 enabled: bool = True, log_every: int | None = None, file: IO[str] | None = None) -> tqdm:
+                 enabled: bool = True, log_every: int | None = None, file: IO[str] | None = None) -> std.tqdm:
     """A tqdm bar on a terminal; `LogLines` (one plain line per `log_every` units) anywhere else.
 
     `log_every` applies only to logs; by default a tenth of `total` (so about ten lines plus the first
@@ -79,7 +81,7 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: float | None =
 
 def quiet_library_bars_in_logs(stream: IO[str] | None = None) -> None:
     """In a log, turn off the bars that libraries draw themselves (transformers' loading and saving of
-    weights), which redraw with \r. Reads the switch huggingface_hub honours, so call it before
+    weights), which redraw with \\r. Reads the switch huggingface_hub honours, so call it before
     transformers is imported; a terminal keeps them."""
     if not is_terminal(stream if stream is not None else sys.stderr):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
