@@ -102,9 +102,9 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from karma_ray.train.run import ensure_ray
+    from karma_ray.runtime import ensure_ray
 
-    ensure_ray("local")  # always a Ray of its own (never a `ray start` cluster), so ray.shutdown() stops it
+    ensure_ray()  # a private local Ray (never a `ray start` cluster), so ray.shutdown() stops all of it
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the requests are printed below, once each
     serving = False
     try:
