@@ -1,19 +1,19 @@
-"""`make demo`: train the embedded default, serve it with `serve run`, query it, print, shut down.
+"""`make demo`: train the embedded default, serve it, query it, print the results and the next steps.
 
-Steps: (1) python jobs/train.py (demo preset: synthetic shop, real SmolLM2 cut to 4 layers) writes
-artifacts/latest; (2) `serve run serve_configs/search.yaml` in a child process; (3) a few /search and
-/explain requests; (4) SIGTERM to the child (it ignores SIGINT after shutdown, see RAY_NOTES) and
-`ray stop` of the cluster it started.
+Steps, all on one local Ray that this script starts and stops: (1) train the `demo` preset (synthetic
+shop, real SmolLM2 cut to 4 layers) into artifacts/latest; (2) deploy serve_configs/search.yaml on
+a free port (what `serve run` does); (3) a few /search and /explain requests; (4) `serve.shutdown()`
+and `ray.shutdown()`, which stop Serve and exactly the Ray processes this script started, without
+signals, so nothing prints a stack dump on the way out; (5) the commands to run next.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import signal
-import subprocess
+import socket
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,42 +25,31 @@ sys.path.insert(0, str(REPO))
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-train", action="store_true", help="serve the existing artifacts/latest instead of training")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the search service (default 8000)")
-    p.add_argument("--ready-timeout", type=float, default=240, help="seconds to wait for the service to answer")
+    p.add_argument("--port", type=int, default=0, help="HTTP port of the search service (default: a free one)")
+    p.add_argument("--ready-timeout", type=float, default=240, help="seconds to wait for the service to be RUNNING")
     return p.parse_args()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train() -> None:
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
-    subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--preset", "demo"], cwd=REPO, env=env, check=True)
+    from karma_ray.config import get_preset
+    from karma_ray.train.run import run
+
+    run(get_preset("demo"))
 
 
-def start_serve(port: int) -> subprocess.Popen:
-    config = REPO / "serve_configs" / "search.yaml"
-    if port != 8000:  # serve run reads the port from the YAML; write a copy with the asked port
-        text = config.read_text().replace("port: 8000", f"port: {port}")
-        config = REPO / "runs" / "search-demo.yaml"
-        config.parent.mkdir(exist_ok=True)
-        config.write_text(text)
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
-               KARMA_ARTIFACT=str(REPO / "artifacts" / "latest"))
-    serve_bin = Path(sys.executable).with_name("serve")
-    return subprocess.Popen([str(serve_bin), "run", str(config)], cwd=REPO, env=env)
+def start_serve(port: int, timeout_s: float) -> str:
+    """Deploy serve_configs/search.yaml (its replicas, autoscaling, batching) on the connected Ray."""
+    from karma_ray.serve.app import deploy_config, load_config
 
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`serve run` exited with code {proc.returncode}")
-        try:
-            r = httpx.get(f"{url}/healthz", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"search service at {url} not ready after {timeout:.0f}s")
+    cfg = load_config(REPO / "serve_configs" / "search.yaml", artifact=str(REPO / "artifacts" / "latest"),
+                      http_port=port)
+    return deploy_config(cfg, timeout_s=timeout_s)
 
 
 def demo_requests() -> list[dict]:
@@ -85,44 +74,56 @@ def show(url: str) -> None:
             print(f"  explain (decoded from h): {json.dumps(ex.json().get('text', ex.json()))}")
 
 
+SHUTDOWN_NOTE = ("(a '(raylet) Task ServeController.graceful_shutdown failed ... will be retried' line above is "
+                 "how Ray Serve's controller ends its own shutdown call: not an error)")
+
+
+def next_steps() -> str:
+    """The three commands a user runs next, one line each, runnable from the repo root as printed once
+    the placeholders in capitals are filled. They go through this interpreter's bin/, so no venv needs
+    activating."""
+    bin_dir = os.path.relpath(Path(sys.executable).parent, REPO)
+    return "\n".join([
+        f"\nnext (from {REPO}):",
+        f"  {bin_dir}/python jobs/train.py --data DATA_DIR    # train on your data, in the layout of karma_ray/data/prepare.py",
+        f"  {bin_dir}/ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train.py "
+        "--artifacts-dir /SHARED/artifacts --storage-path /SHARED/runs    # on a Ray cluster (README 'On a Ray cluster')",
+        f"  {bin_dir}/serve run serve_configs/search.yaml    # serve artifacts/latest at http://127.0.0.1:8000/docs",
+    ])
+
+
 def main() -> int:
     args = parse_args()
-    if not args.skip_train:
-        train()
-    url = f"http://127.0.0.1:{args.port}"
-    proc = start_serve(args.port)
+    os.chdir(REPO)  # the preset's data/, runs/ and artifacts/ are relative to the repo
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray (README 'Auth')
+    from karma_ray.progress import quiet_library_bars_in_logs
+
+    quiet_library_bars_in_logs()
+    import ray
+    from ray import serve
+
+    from karma_ray.runtime import ensure_ray
+
+    ensure_ray()  # a private local Ray (never a `ray start` cluster), so ray.shutdown() stops all of it
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the requests are printed below, once each
+    serving = False
     try:
-        health = wait_ready(url, proc, args.ready_timeout)
-        print(f"\nserving {health.get('model_version')} at {url}  (OpenAPI: {url}/docs)")
+        if not args.skip_train:
+            train()
+        serving = True  # from here on Serve may be (partly) up, so it is shut down below
+        url = start_serve(args.port or free_port(), args.ready_timeout)
+        print(f"\nserving {httpx.get(f'{url}/healthz', timeout=10).json().get('model_version')} at {url}  "
+              f"(OpenAPI: {url}/docs)")
         show(url)
         print("\nmetrics: Ray exports Prometheus metrics (karma_stage_latency_ms, ray_serve_*) on each node's "
               "metrics port; see README 'Metrics' and deploy/prometheus.yml")
     finally:
-        stop_serve(proc)
+        if serving:
+            serve.shutdown()
+        ray.shutdown()
+    print(SHUTDOWN_NOTE)
+    print(next_steps())
     return 0
-
-
-def stop_serve(proc: subprocess.Popen) -> None:
-    """SIGTERM `serve run` and the local Ray it started (only its own descendants, not other clusters)."""
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    for child in family:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for child in alive:
-        child.kill()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
   python jobs/train.py                              # the `demo` preset, on a local Ray started for you
   ray job submit --working-dir . -- python jobs/train.py --preset demo
   python jobs/train.py --preset ml100k --set train.max_steps=500 --set loss.lambda_rec=0
+  python jobs/train.py --data DIR                   # your data, in the layout of karma_ray/data/prepare.py
+
+Progress goes to stderr: a live bar on a terminal; in a log (`ray job logs`, CI, a file) one line
+per `train.log_every` steps with the loss parts, tokens/s and an ETA (karma_ray.progress). With
+RAY_ADDRESS set (as under `ray job submit`), or --address, it joins that cluster.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from karma_ray.config import PRESETS  # noqa: E402
+from karma_ray.progress import quiet_library_bars_in_logs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,14 +33,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(sections: data, model, loss, train, index; repeatable)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP); same as --set train.num_workers=N")
     p.add_argument("--max-steps", type=int, help="optimizer steps; same as --set train.max_steps=N")
-    p.add_argument("--data", help="prepared data directory (created with prepare_data if missing)")
+    p.add_argument("--data", help="prepared data directory (the preset's dataset is prepared there if the "
+                                  "directory does not exist; an existing one must hold meta.json)")
     p.add_argument("--artifacts-dir", help="where artifacts/<run>/ and artifacts/latest go (default: ./artifacts)")
     p.add_argument("--storage-path", help="Ray Train storage for checkpoints: a local dir or s3://… (default: ./runs)")
     p.add_argument("--address", default=None,
                    help="Ray address; default: the job's cluster under `ray job submit`, else a new local Ray")
     p.add_argument("--run-name", help="name of this run (default: <preset>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint with the config it was "
+                                                   "started with (after its driver died); give the same --storage-path")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output at all (bars or log lines)")
     return p.parse_args(argv)
 
 
@@ -50,9 +59,38 @@ def resolve_config(args: argparse.Namespace):
     return get_preset(args.preset).with_overrides(overrides)
 
 
+def check_data_dir(path: str | None, protocol: str) -> str | None:
+    """Why `--data` cannot be used, or None. `--data` is a dataset root whose `<protocol>/` holds a prepared
+    split (meta.json marks one as complete). An existing directory without it is not a dataset root: the
+    preset's data would be prepared into it beside the user's files, so refuse rather than guess."""
+    if path is None or not Path(path).exists() or (Path(path) / protocol / "meta.json").exists():
+        return None
+    if (Path(path) / "meta.json").exists():
+        return (f"{path} holds a prepared split directly; --data is a dataset root now: move it to "
+                f"{Path(path) / protocol} (the split of the `{protocol}` protocol)")
+    return (f"{path} exists but holds no prepared `{protocol}` split ({Path(path) / protocol / 'meta.json'} is missing): "
+            f"use the layout karma_ray/data/prepare.py documents under {Path(path) / protocol}, or a directory that "
+            f"does not exist yet (the preset's dataset is then prepared there)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = resolve_config(args)
+    quiet_library_bars_in_logs()
+    if args.resume:
+        from karma_ray.train.run import resumable_config
+
+        try:
+            cfg = resumable_config(args.storage_path or "runs", args.resume)
+        except FileNotFoundError as e:
+            print(f"train: error: {e}", file=sys.stderr)
+            return 2
+        args.run_name = args.resume
+    else:
+        cfg = resolve_config(args)
+        problem = check_data_dir(args.data, cfg.eval.protocol)
+        if problem:
+            print(f"train: error: {problem}", file=sys.stderr)
+            return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0

@@ -1,8 +1,9 @@
-"""Build and run the Ray Train `TorchTrainer` (Train V2), with a live progress bar on the driver.
+"""Build and run the Ray Train `TorchTrainer` (Train V2), with progress on the driver.
 
 Workers report through `ray.train.report`; a controller-side `UserCallback` forwards each report to
-a tiny `ProgressTracker` actor, which the driver polls to draw the bar. Distribution lives here and
-in the loop, never in the model.
+a tiny `ProgressTracker` actor, which the driver polls to advance `karma_ray.progress.progress_bar`
+(a live bar on a terminal, one line per log step in a job log). Distribution lives here and in the
+loop, never in the model.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
-from tqdm.auto import tqdm
 
 from karma_ray.config import KarmaConfig
 from karma_ray.data.pipeline import build_train_dataset
+from karma_ray.progress import progress_bar
 from karma_ray.train.loop import train_loop_per_worker
 
 
@@ -126,14 +127,14 @@ def fit(cfg: KarmaConfig, run_name: str, show_progress: bool = True, cache_root:
 
     thread = threading.Thread(target=_fit, daemon=True)
     thread.start()
-    bar = tqdm(total=cfg.train.max_steps, desc=f"train {run_name}", unit="step", disable=not show_progress)
+    bar = progress_bar(total=cfg.train.max_steps, desc=f"train {run_name}", unit="step", enabled=show_progress,
+                       log_every=cfg.train.log_every)
     while thread.is_alive():
         thread.join(timeout=0.5)
         m = ray.get(tracker.get.remote())
         if m:
-            bar.n = int(m.get("step", 0))
-            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "act", "gen", "rec") if k in m}, refresh=False)
-            bar.refresh()
+            bar.set_postfix(progress_postfix(m), refresh=False)
+        bar.update(int(m.get("step", bar.n)) - bar.n)  # 0 between reports: a terminal bar still ticks
     bar.close()
     history = ray.get(tracker.get_history.remote())
     ray.kill(tracker)
@@ -143,6 +144,14 @@ def fit(cfg: KarmaConfig, run_name: str, show_progress: bool = True, cache_root:
     if result.error:
         raise result.error
     return result, history
+
+
+def progress_postfix(metrics: dict[str, Any]) -> dict[str, str]:
+    """The loss parts and throughput of one report, as the bar's postfix."""
+    shown = {k: f"{metrics[k]:.3f}" for k in ("loss", "act", "gen", "rec") if k in metrics}
+    if "tokens_per_s" in metrics:
+        shown["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+    return shown
 
 
 def run_name_for(cfg: KarmaConfig) -> str:
