@@ -67,8 +67,23 @@ class Catalog:
     def version(self) -> str:
         return str(self.manifest.get("run_name", self.path.name))
 
+    @staticmethod
+    def read_version(path: str | Path) -> str:
+        """The artifact's version (manifest run_name) without loading its items."""
+        p = Path(path)
+        return str(json.loads((p / "manifest.json").read_text()).get("run_name", p.name))
+
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def check(self) -> None:
+        """Raise unless this catalogue can serve: items present, version known (a replica health check)."""
+        if len(self) == 0:
+            raise RuntimeError(f"artifact {self.path}: the item catalogue is empty")
+        if not self.version:
+            raise RuntimeError(f"artifact {self.path}: no version (manifest run_name)")
+        if self.item_emb.shape[1] and len(self.item_emb) != len(self):
+            raise RuntimeError(f"artifact {self.path}: item_emb has {len(self.item_emb)} rows for {len(self)} items")
 
     def known(self, ids: Sequence[int]) -> np.ndarray:
         a = np.asarray(ids, dtype=np.int64)

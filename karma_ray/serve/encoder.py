@@ -1,23 +1,65 @@
 """InterestEncoder: (query, history ids) → h, batched with `@serve.batch`; and /explain decoding.
 
 Batching and thread knobs come from the deployment's `user_config` (set in the YAML):
-  max_batch_size, batch_wait_timeout_s, torch_threads, max_new_tokens, device ("auto"|"cpu"|"cuda").
+  max_batch_size, batch_wait_timeout_s, torch_threads, max_new_tokens, device ("auto"|"cpu"|"cuda"),
+  explain_concurrency (decodes at once per replica; they run in a worker thread so that encode
+  batches keep flowing), artifacts (versions to hold, see versions.py).
 The code defaults are neutral (batches of up to 8, 2 ms wait, torch's own thread count).
+Each loaded version runs a few warm-up forwards before the replica takes traffic.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from karma_ray.serve.versions import HeldVersions
+
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_S = 0.002
+WARMUP_PROMPTS = (("running shoes", []), ("", []), ("a longer warm-up query about a rain jacket", []))
+
+
+@dataclass
+class EncoderState:
+    model: Any  # KarmaModel
+    tokenizer: Any
+    builder: Any  # PromptBuilder
+    version: str
+    next_ids: Any  # torch.LongTensor of "Next: "
+
+
+def load_encoder_state(artifact: str) -> EncoderState:
+    import torch
+
+    from karma_ray.index.artifact import load_artifact
+
+    t0 = time.perf_counter()
+    art = load_artifact(artifact)
+    next_ids = torch.tensor(art.tokenizer("Next: ", add_special_tokens=False).input_ids, dtype=torch.long)
+    state = EncoderState(art.model, art.tokenizer, art.builder, art.version, next_ids)
+    log.info("InterestEncoder loaded %s in %.1fs", art.path, time.perf_counter() - t0)
+    return state
+
+
+def embed(state: EncoderState, queries: list[str], histories: list[list[int]], device) -> np.ndarray:
+    """(B, d) float32 unit vectors for one version's prompts."""
+    import torch
+
+    arr = state.builder.interest_batch(queries, histories)
+    width = int(arr["int_mask"].sum(1).max())
+    t = {k: torch.from_numpy(v).to(device) for k, v in arr.items()}
+    with torch.inference_mode():
+        h = state.model.encode_interest(t["int_ids"][:, :width], t["int_mask"][:, :width], t["int_pos"])
+    return h.float().cpu().numpy().astype(np.float32, copy=False)
 
 
 @serve.deployment  # resources, autoscaling and batching knobs come from the YAML
@@ -25,19 +67,21 @@ class InterestEncoder:
     def __init__(self, artifact: str):
         import torch
 
-        from karma_ray.artifact.reader import load_artifact
-
-        t0 = time.perf_counter()
-        art = load_artifact(artifact)
-        self.model, self.tok, self.builder = art.model, art.tokenizer, art.builder
-        self.version = art.version
         self.device = torch.device("cpu")
-        self._next_ids = torch.tensor(self.tok("Next: ", add_special_tokens=False).input_ids, dtype=torch.long)
         self.max_new_tokens = 24
         self.batch_sizes: list[int] = []  # recent batch sizes and forward times, for profiling (`info`)
         self.forward_ms: list[float] = []
+        self.versions = HeldVersions(self._load, artifact)
+        self._explain_slots = asyncio.Semaphore(1)
         self.reconfigure({})  # code defaults; Serve then calls reconfigure(user_config) from the YAML
-        log.info("InterestEncoder loaded %s in %.1fs on %s", art.path, time.perf_counter() - t0, self.device)
+
+    def _load(self, artifact: str) -> EncoderState:
+        state = load_encoder_state(artifact)
+        state.model.to(self.device)
+        queries, histories = zip(*WARMUP_PROMPTS)
+        for _ in range(2):  # first forwards allocate and pick kernels: keep that off the first request
+            embed(state, list(queries), list(histories), self.device)
+        return state
 
     def reconfigure(self, cfg: dict[str, Any]) -> None:
         """Serve calls this with the YAML's `user_config` on start and on every config update."""
@@ -50,62 +94,80 @@ class InterestEncoder:
         self._encode_batch.set_max_batch_size(self.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
         self.max_new_tokens = int(cfg.get("max_new_tokens", self.max_new_tokens))
+        self._explain_slots = asyncio.Semaphore(int(cfg.get("explain_concurrency", 1)))
         device = str(cfg.get("device", "auto"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if torch.device(device) != self.device:
             self.device = torch.device(device)
-            self.model.to(self.device)
+            for _, state in self.versions.items():
+                state.model.to(self.device)
+        self.versions.hold(cfg.get("artifacts"))
 
-    def _embed(self, queries: list[str], histories: list[list[int]]) -> np.ndarray:
-        import torch
-
-        arr = self.builder.interest_batch(queries, histories)
-        width = int(arr["int_mask"].sum(1).max())
-        t = {k: torch.from_numpy(v).to(self.device) for k, v in arr.items()}
-        with torch.inference_mode():
-            h = self.model.encode_interest(t["int_ids"][:, :width], t["int_mask"][:, :width], t["int_pos"])
-        return h.float().cpu().numpy().astype(np.float32, copy=False)
+    def _embed_mixed(self, artifacts: list[str], queries: list[str], histories: list[list[int]]
+                     ) -> list[tuple[np.ndarray, str]]:
+        """One forward per version present in the batch (one in steady state, two during a rollout)."""
+        out: list[tuple[np.ndarray, str] | None] = [None] * len(queries)
+        for art in dict.fromkeys(artifacts):
+            rows = [i for i, a in enumerate(artifacts) if a == art]
+            state = self.versions.get(art)
+            h = embed(state, [queries[i] for i in rows], [histories[i] for i in rows], self.device)
+            for i, vec in zip(rows, h):
+                out[i] = (vec, state.version)
+        return out  # type: ignore[return-value]
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _encode_batch(self, queries: list[str], histories: list[list[int]]) -> list[np.ndarray]:
+    async def _encode_batch(self, artifacts: list[str], queries: list[str], histories: list[list[int]]
+                            ) -> list[tuple[np.ndarray, str]]:
         t0 = time.perf_counter()
-        h = self._embed(list(queries), [list(x) for x in histories])
+        out = self._embed_mixed(list(artifacts), list(queries), [list(x) for x in histories])
         self.batch_sizes = (self.batch_sizes + [len(queries)])[-2000:]
         self.forward_ms = (self.forward_ms + [(time.perf_counter() - t0) * 1000])[-2000:]
-        return list(h)
+        return out
 
-    async def encode(self, query: str, history: list[int]) -> np.ndarray:
-        """(d,) float32 unit vector. History ids must be known (the ingress filters them)."""
-        return await self._encode_batch(query or "", list(history))
+    async def encode(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
+        """((d,) float32 unit vector, version). History ids must be known (the ingress filters them)."""
+        return await self._encode_batch(artifact, query or "", list(history))
 
-    def encode_direct(self, query: str, history: list[int]) -> np.ndarray:
+    def encode_direct(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
         """The same computation without `@serve.batch` (which only runs inside a Serve replica in
-        Ray 2.60): for in-process use such as benchmarks/serve_latency.py."""
-        return self._embed([query or ""], [list(history)])[0]
+        Ray 2.60): for the in-process stand-in (`karma_ray.serve.harness.inprocess_pipeline`)."""
+        return self._embed_mixed([artifact], [query or ""], [list(history)])[0]
 
-    async def explain(self, query: str, history: list[int]) -> str:
+    async def explain(self, artifact: str, query: str, history: list[int]) -> tuple[str, str]:
+        """(text decoded from h, version). The decode runs in a worker thread, at most
+        `explain_concurrency` at once, so the replica's event loop keeps batching encodes meanwhile."""
+        h, version = await self.encode(artifact, query, history)
+        state = self.versions.get(artifact)
+        async with self._explain_slots:
+            text = await asyncio.to_thread(self._decode, state, h)
+        return text, version
+
+    def _decode(self, state: EncoderState, h: np.ndarray) -> str:
         import torch
 
-        h = await self.encode(query, history)
-        ids = self.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), self._next_ids.to(self.device),
-                                       self.builder.eos_id, self.max_new_tokens)[0]
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
+        with torch.inference_mode():
+            ids = state.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), state.next_ids.to(self.device),
+                                            state.builder.eos_id, self.max_new_tokens)[0]
+        return state.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        for key, state in self.versions.items():
+            if state.model is None or not state.version:
+                raise RuntimeError(f"encoder for {key} is not loaded or has no version")
 
     def info(self) -> dict[str, Any]:
         """Replica facts for profiling: recent batch sizes and tokenise+forward times (ms)."""
         import torch
 
         fw = np.asarray(self.forward_ms or [np.nan])
-        return {"version": self.version, "device": str(self.device), "pid": os.getpid(),
-                "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
+        return {"versions": {k: s.version for k, s in self.versions.items()}, "device": str(self.device),
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
                 "mean_batch_size": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
                 "forward_p50_ms": float(np.nanpercentile(fw, 50)), "forward_p99_ms": float(np.nanpercentile(fw, 99)),
                 "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
 
-
-def app(args: dict[str, str] | None = None):
-    """`serve run karma_ray.serve.encoder:app artifact=DIR` — the encoder alone (for profiling)."""
-    from karma_ray.serve.app import default_artifact
-
-    return InterestEncoder.bind((args or {}).get("artifact") or default_artifact())
+    def reset_stats(self) -> None:
+        """Forget recorded batch sizes and forward times (a benchmark measures one phase at a time)."""
+        self.batch_sizes, self.forward_ms = [], []

@@ -11,19 +11,13 @@ No wall-clock assertions.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from karma_ray.serve.harness import SEARCH_YAML, deploy_config, free_port, load_config
+
 pytestmark = pytest.mark.integration
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +41,7 @@ def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
 def base_url(tiny_artifact, ray_cluster):
     from ray import serve
 
-    from karma_ray.serve.app import deploy_config, load_config
-
-    cfg = load_config(REPO_ROOT / "serve_configs" / "search.yaml", artifact=str(tiny_artifact), http_port=_free_port(),
+    cfg = load_config(SEARCH_YAML, artifact=str(tiny_artifact), http_port=free_port(),
                       overrides={"InterestEncoder": {"user_config": {"torch_threads": 1}}})
     try:
         yield deploy_config(cfg, timeout_s=240)
@@ -104,7 +96,7 @@ def test_concurrent_searches_agree(client, catalogue):
     req = {"history": catalogue[5:9], "k": 5}
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda _: client.post("/search", json=req), range(16)))
-    assert all(o.status_code == 200 for o in outs)
+    assert all(o.status_code == 200 for o in outs), [(o.status_code, o.text[:200]) for o in outs if o.status_code != 200]
     first = [i["item_id"] for i in outs[0].json()["items"]]
     assert all([i["item_id"] for i in o.json()["items"]] == first for o in outs)
 
@@ -130,6 +122,9 @@ def test_unknown_history_ids_are_dropped_and_reported(client, catalogue):
     ({"history": ["a", "b"]}, "history"),
     ({"history": "1,2,3"}, "history"),
     ({"history": list(range(201))}, "history"),
+    ({"history": [2**63]}, "history"),
+    ({"query": "x", "history": [-(2**63) - 1]}, "history"),
+    ({"query": "x", "histroy": [1]}, "histroy"),
     ({}, "query"),
     ([1, 2], "body"),
 ])
@@ -148,6 +143,19 @@ def test_malformed_json_is_422(client):
     assert "malformed JSON" in r.json()["error"]
 
 
+def test_oversized_body_is_413_and_unknown_path_is_json_404(client):
+    r = client.post("/search", json={"query": "x", "user_id": 1, "pad": "y" * 100_000})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: counted while reading
+        for _ in range(100):
+            yield b" " * 1024
+    r = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+
+
 def test_explain_returns_text(client, catalogue):
     r = client.post("/explain", json={"query": "shoes", "history": catalogue[:2] + [max(catalogue) + 7]})
     assert r.status_code == 200, r.text
@@ -157,64 +165,51 @@ def test_explain_returns_text(client, catalogue):
     assert client.post("/explain", json={"k": 3}).status_code == 422
 
 
-def test_healthz_and_openapi(client, catalogue):
+def test_healthz_readyz_and_openapi(client, catalogue):
     r = client.get("/healthz")
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model_version"] == "serve-test" and body["n_items"] == len(catalogue)
     assert isinstance(body["rankers"], bool)
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    ready = r.json()
+    assert ready["ready"] and set(ready["stages"]) == {"InterestEncoder", "Recall", "PreRank", "Rank"}
+    assert all(s["versions"] == ["serve-test"] for s in ready["stages"].values())
     spec = client.get("/openapi.json").json()
     assert {"/search", "/explain", "/healthz"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
 
 
 def test_replica_counts_from_yaml(base_url):
-    from karma_ray.serve.app import DEPLOYMENTS, replica_counts
+    from karma_ray.serve.app import DEPLOYMENTS
+    from karma_ray.serve.harness import replica_counts
 
     counts = replica_counts()
     assert set(counts) == set(DEPLOYMENTS) and all(n >= 1 for n in counts.values())
 
 
-def test_real_prometheus_scrapes_every_stage_latency_histogram(client, catalogue, ray_metrics_port, tmp_path):
+def test_real_prometheus_scrapes_every_stage_latency_histogram(client, catalogue, ray_metrics_port):
     """A real Prometheus, configured from deploy/prometheus.yml, scrapes this Ray's metrics port and
     sees karma_stage_latency_ms buckets for encode, recall, prerank and rank."""
-    import json
     import shutil
-    import subprocess
     import time
 
-    import yaml
+    from karma_ray.serve.harness import prom_query, prometheus
+    from karma_ray.serve.metrics import STAGES
 
-    from benchmarks.prometheus_check import STAGES, prom_query
-
-    binary = shutil.which("prometheus")
-    if not binary:
+    if not shutil.which("prometheus"):
         pytest.skip("prometheus is not installed (make test / .ci/run install it with apt-get)")
     for i in range(6):
         assert client.post("/search", json={"query": "lamp", "history": catalogue[i : i + 2], "k": 5}).status_code == 200
-    sd = tmp_path / "ray_sd.json"
-    sd.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{ray_metrics_port}"]}]))
-    cfg = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
-    cfg["global"]["scrape_interval"] = "1s"
-    for job in cfg["scrape_configs"]:
-        for sdc in job.get("file_sd_configs", []):
-            sdc["files"], sdc["refresh_interval"] = [str(sd)], "2s"
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     found: set[str] = set()
-    try:
+    with prometheus(ray_metrics_port, scrape_interval="1s") as prom:
         deadline = time.monotonic() + 120  # Ray reports custom metrics every ~10 s; a bound, not an assertion
         while time.monotonic() < deadline and not set(STAGES) <= found:
             time.sleep(2)
             try:
-                series = prom_query(f"http://127.0.0.1:{port}", "sum by (stage) (ray_karma_stage_latency_ms_bucket)")
+                series = prom_query(prom, "sum by (stage) (ray_karma_stage_latency_ms_bucket)")
             except Exception:  # noqa: BLE001 - Prometheus still starting
                 continue
             found = {s["metric"].get("stage") for s in series if float(s["value"][1]) > 0}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
     assert set(STAGES) <= found, f"stages with buckets in Prometheus: {sorted(found)}"

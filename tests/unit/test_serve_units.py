@@ -1,6 +1,7 @@
-"""Pure pieces of the search service: request schemas, recall exclusion, row mapping, error mapping.
+"""Pure pieces of the search service: request schemas and bounds, recall exclusion, row mapping,
+error mapping, version pinning, health checks and the HTTP guard (body cap, auth, rate limit, docs).
 
-No Ray cluster and no model: FAISS, numpy and pyarrow on toy data.
+No Ray cluster and no model: FAISS, numpy, pyarrow and FastAPI's test client on toy data.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from pydantic import ValidationError
 
 from karma_ray.data.prompts import UnknownItemError
 from karma_ray.serve.catalog import Catalog, stage_scores, top_by_score
-from karma_ray.serve.ingress import RequestError, SearchPipeline, respond
+from karma_ray.serve.harness import Local
+from karma_ray.serve.ingress import respond
+from karma_ray.serve.pipeline import RequestError, SearchPipeline
 from karma_ray.serve.recall import recall_topn
-from karma_ray.serve.schemas import MAX_HISTORY, MAX_K, SearchRequest
+from karma_ray.serve.schemas import INT64_MAX, INT64_MIN, MAX_HISTORY, MAX_K, SearchRequest
+from karma_ray.serve.versions import HeldVersions
 
 
 # ---- schemas ---------------------------------------------------------------------------------
@@ -27,6 +31,7 @@ def test_search_request_defaults_and_limits():
     assert r.k == 20 and r.history == [] and r.user_id is None
     SearchRequest.model_validate({"history": [1] * MAX_HISTORY, "k": MAX_K})
     SearchRequest.model_validate({"history": [3], "k": 1})
+    SearchRequest.model_validate({"history": [INT64_MIN, INT64_MAX]})
 
 
 @pytest.mark.parametrize("body, field", [
@@ -41,6 +46,11 @@ def test_search_request_defaults_and_limits():
     ({"history": 7}, "history"),
     ({"history": [1] * (MAX_HISTORY + 1)}, "history"),
     ({"query": "x", "user_id": "u1"}, "user_id"),
+    ({"history": [2**63]}, "history"),  # passes a plain int check, fails int64: was a 500 in numpy
+    ({"history": [1, INT64_MIN - 1]}, "history"),
+    ({"query": "x", "user_id": 2**64}, "user_id"),
+    ({"query": "x", "histroy": [1, 2]}, "histroy"),  # a misspelt field is an error, not "no history"
+    ({"query": "x", "extra": None}, "extra"),
 ])
 def test_search_request_rejects(body, field):
     with pytest.raises(ValidationError) as e:
@@ -143,54 +153,43 @@ def test_stage_scores_passes_consistent_rows_to_rankers(toy_artifact):
 
 
 # ---- the request pipeline with in-process stages ---------------------------------------------
-class _Local:
-    """handle.method.remote(*a) → awaitable, like a DeploymentHandle."""
-
-    def __init__(self, obj):
-        self._obj = obj
-
-    def __getattr__(self, name):
-        fn = getattr(self._obj, name)
-
-        class _M:
-            @staticmethod
-            async def remote(*a, **kw):
-                out = fn(*a, **kw)
-                return await out if asyncio.iscoroutine(out) else out
-        return _M
-
-
 class _Enc:
+    version = "toy-run"
+
     def __init__(self):
         self.seen = []
 
-    def encode(self, query, history):
+    def encode(self, artifact, query, history):
         self.seen.append((query, list(history)))
-        return np.array([0.1, 0.3, 1.0, 0.2], np.float32)
+        return np.array([0.1, 0.3, 1.0, 0.2], np.float32), self.version
 
-    def explain(self, query, history):
-        return "Next: something"
+    def explain(self, artifact, query, history):
+        return "Next: something", self.version
 
 
 class _Stage:
     def __init__(self, cat, idx):
         self.cat, self.idx = cat, idx
 
-    def search(self, h, exclude, at_least=0):
-        return recall_topn(self.idx, h, exclude, max(3, at_least))
+    def search(self, artifact, h, exclude, at_least=0):
+        return (*recall_topn(self.idx, h, exclude, max(3, at_least)), self.cat.version)
 
-    def score(self, h, ids, history, k):
-        return top_by_score(ids, stage_scores(None, "rank", self.cat, h, ids, history), k)
+    def score(self, artifact, h, ids, history, k):
+        return (*top_by_score(ids, stage_scores(None, "rank", self.cat, h, ids, history), k), self.cat.version)
 
-    def has_rankers(self):
+    def has_rankers(self, artifact):
         return False
+
+
+def _catalogs(path):
+    return HeldVersions(lambda a: Catalog.load(a, with_emb=False), str(path))
 
 
 def _pipeline(toy_artifact):
     cat = Catalog.load(toy_artifact)
-    stage = _Local(_Stage(cat, faiss.read_index(str(toy_artifact / "index.faiss"))))
+    stage = Local(_Stage(cat, faiss.read_index(str(toy_artifact / "index.faiss"))))
     enc = _Enc()
-    return SearchPipeline(cat, _Local(enc), stage, stage, stage), enc
+    return SearchPipeline(_catalogs(toy_artifact), Local(enc), stage, stage, stage), enc
 
 
 def test_pipeline_drops_unknown_history_and_reports_it(toy_artifact):
@@ -245,11 +244,11 @@ def test_respond_maps_failures_to_json_without_traceback():
 
 def test_silent_stage_becomes_503(toy_artifact):
     class _Slow(_Enc):
-        async def encode(self, query, history):
+        async def encode(self, artifact, query, history):
             await asyncio.sleep(5)
 
     pipe, _ = _pipeline(toy_artifact)
-    pipe.encoder = _Local(_Slow())
+    pipe.encoder = Local(_Slow())
     pipe.stage_timeout_s = 0.05
     r = asyncio.run(respond(pipe.search(SearchRequest(query="x")), "search", _Counter()))
     assert r.status_code == 503 and "stage encode did not answer" in json.loads(r.body)["error"]
