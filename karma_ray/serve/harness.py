@@ -67,7 +67,8 @@ def set_deployment_fields(cfg: dict[str, Any], name: str, fields: dict[str, Any]
 
 
 def deploy_config(cfg: dict[str, Any], timeout_s: float = 180.0) -> str:
-    """Deploy a Serve config dict on the connected Ray, as `serve run config.yaml` does; wait until RUNNING.
+    """Deploy a Serve config dict on the connected Ray, as `serve run config.yaml` (or, on a running
+    Serve, `serve deploy`) does; wait until RUNNING again.
 
     Returns the base URL. Uses Serve's config-deploy path (the YAML's deployment options, user_config
     and autoscaling apply), which `serve.run(app)` would ignore.
@@ -82,7 +83,7 @@ def deploy_config(cfg: dict[str, Any], timeout_s: float = 180.0) -> str:
     client = _private_api.serve_start(http_options=schema.http_options.model_dump(),
                                       proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
-    wait_running([a.name for a in schema.applications], timeout_s)
+    wait_running([a.name for a in schema.applications], timeout_s, settle_s=1.0)
     http = schema.http_options
     return f"http://{http.host}:{http.port}"
 

@@ -218,6 +218,10 @@ class SearchIngress:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
         self.pipeline.catalogs.get(self.pipeline.active).check()
 
+    async def artifacts(self) -> dict[str, str]:
+        """{"initial": the app's build-time artifact, "active": the pinned one} (for rollout.py)."""
+        return {"initial": self.pipeline.catalogs.initial, "active": self.pipeline.active}
+
     async def _answer(self, endpoint: str, call) -> Any:
         return await respond(call, endpoint, self.metrics, self._overload, self.request_timeout_s)
 
