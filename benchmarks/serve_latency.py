@@ -164,7 +164,7 @@ p50s are not additive, so the parts only approximately add up to the {overhead:.
 |---|---|---|
 | HTTP edge (client → proxy actor → ingress replica, FastAPI parse/serialise, back) | {edge:.1f} | client p50 − ingress-measured pipeline p50 |
 | …of which the bare proxy → ingress round trip | {r['http_floor_healthz']['p50_ms']:.1f} | GET /healthz p50 (no stage calls) |
-| encoder hop without compute (router, gRPC, replica queue, `@serve.batch` queue, reply) | {enc_hop:.1f} | ingress-observed encode − replica-measured forward |
+| encoder hop without compute (router, gRPC, replica queue, micro-batch queue, thread hand-off, reply) | {enc_hop:.1f} | ingress-observed encode − replica-measured forward |
 | encoder forward slower inside the replica than in-process | {compute_gap:+.1f} | replica forward p50 − in-process encode p50 |
 | three sub-millisecond stage hops (recall, prerank, rank) | {light:.1f} | ingress-observed − in-process, summed |
 | ingress work between stages (history check, titles, response objects) | {glue:+.1f} | pipeline total − its stages, Serve vs in-process |
@@ -212,10 +212,8 @@ HTTP edge (client → proxy → ingress replica → back, outside the pipeline):
 (client p50 {r['serve']['p50_ms']:.2f} − ingress-measured pipeline p50 {s['total']:.2f}). For scale, GET /healthz
 (the same edge with no stage calls) took p50 {r['http_floor_healthz']['p50_ms']:.2f} ms, p99 {r['http_floor_healthz']['p99_ms']:.2f} ms in this run.
 
-The Serve encoder goes through `@serve.batch` (`batch_wait_timeout_s` =
-{r['encoder_user_config'].get('batch_wait_timeout_s', 'default')} s, so a lone request waits no longer than that for
-companions); the in-process path calls the same forward directly (`encode_direct`), since
-`@serve.batch` refuses to run outside a replica in Ray 2.60.
+Both paths run the encoder's own micro-batcher (the forward in a worker thread); sequential
+requests make batches of one in both.
 
 {budget_md}"""
 

@@ -1,9 +1,18 @@
-"""InterestEncoder: (query, history ids) → h, batched with `@serve.batch`; and /explain decoding.
+"""InterestEncoder: (query, history ids) → h, micro-batched; and /explain decoding.
 
-Batching and thread knobs come from the deployment's `user_config` (set in the YAML):
-  max_batch_size, batch_wait_timeout_s, torch_threads, max_new_tokens, device ("auto"|"cpu"|"cuda"),
+Batching: the forward runs in a worker thread, and every call that arrives meanwhile joins the next
+forward (up to `max_batch_size`), so batches form from load and never wait on a timer. Not Ray's
+`@serve.batch`: with the forward off the event loop (needed to refuse calls at once under
+overload), it forms the next batch eagerly as the first call arrives (measured: mean batch 1.01
+at 16 clients), whereas this one forms it when the forward ahead is done (mean batch > 2).
+
+Knobs come from the deployment's `user_config` (set in the YAML):
+  max_batch_size, torch_threads, max_new_tokens, device ("auto"|"cpu"|"cuda"),
   explain_concurrency (decodes at once per replica; they run in a worker thread so that encode
-  batches keep flowing), artifacts (versions to hold, see versions.py).
+  batches keep flowing), max_pending (requests a replica holds, running batch included; past it
+  a call is refused at once, which the ingress answers with 503: load shedding that keeps the
+  served requests' wait at about max_pending forwards; 0 = no limit), artifacts (versions to hold,
+  see versions.py).
 The code defaults are neutral (batches of up to 8, 2 ms wait, torch's own thread count).
 Each loaded version runs a few warm-up forwards before the replica takes traffic.
 """
@@ -19,12 +28,12 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from karma_ray.serve.pipeline import StageOverloaded
 from karma_ray.serve.versions import HeldVersions
 
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_BATCH_WAIT_S = 0.002
 WARMUP_PROMPTS = (("running shoes", []), ("", []), ("a longer warm-up query about a rain jacket", []))
 
 
@@ -62,6 +71,47 @@ def embed(state: EncoderState, queries: list[str], histories: list[list[int]], d
     return h.float().cpu().numpy().astype(np.float32, copy=False)
 
 
+class MicroBatcher:
+    """`await submit(item)` → `fn([items])[i]`; one `fn` call at a time, in a worker thread, over
+    the calls that waited while the previous one ran (at most `max_batch_size`)."""
+
+    def __init__(self, fn, max_batch_size: int, on_batch=None):
+        self.fn, self.max_batch_size, self.on_batch = fn, max_batch_size, on_batch
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, item: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, fut))
+        if not self._running:
+            self._running = True
+            asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch = [(i, f) for i, f in self._waiting[: self.max_batch_size] if not f.done()]
+                self._waiting = self._waiting[self.max_batch_size:]
+                if not batch:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    results = await asyncio.to_thread(self.fn, [i for i, _ in batch])
+                except Exception as e:  # noqa: BLE001 — every caller of this batch gets the error
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                for (_, f), r in zip(batch, results):
+                    if not f.done():  # a caller that gave up (cancelled) is skipped
+                        f.set_result(r)
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), (time.perf_counter() - t0) * 1000)
+        finally:
+            self._running = False
+
+
 @serve.deployment  # resources, autoscaling and batching knobs come from the YAML
 class InterestEncoder:
     def __init__(self, artifact: str):
@@ -73,7 +123,10 @@ class InterestEncoder:
         self.forward_ms: list[float] = []
         self.versions = HeldVersions(self._load, artifact)
         self._explain_slots = asyncio.Semaphore(1)
-        self.reconfigure({})  # code defaults; Serve then calls reconfigure(user_config) from the YAML
+        self.pending = 0  # admitted encode calls not yet answered (waiting + running batch)
+        self.rejected = 0
+        self.batcher = MicroBatcher(self._embed_items, DEFAULT_MAX_BATCH_SIZE, self._record_batch)
+        self._configure({})  # code defaults; Serve then calls reconfigure(user_config) from the YAML
 
     def _load(self, artifact: str) -> EncoderState:
         state = load_encoder_state(artifact)
@@ -83,18 +136,21 @@ class InterestEncoder:
             embed(state, list(queries), list(histories), self.device)
         return state
 
-    def reconfigure(self, cfg: dict[str, Any]) -> None:
-        """Serve calls this with the YAML's `user_config` on start and on every config update."""
+    async def reconfigure(self, cfg: dict[str, Any]) -> None:
+        """Serve calls this with the YAML's `user_config` on start and on every config update.
+        A version to load (a rollout) loads in a worker thread: this replica keeps serving meanwhile."""
+        self._configure(cfg)
+        await asyncio.to_thread(self.versions.hold, cfg.get("artifacts"))
+
+    def _configure(self, cfg: dict[str, Any]) -> None:
         import torch
 
         if cfg.get("torch_threads"):
             torch.set_num_threads(int(cfg["torch_threads"]))
-        self.max_batch_size = int(cfg.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
-        self.batch_wait_timeout_s = float(cfg.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S))
-        self._encode_batch.set_max_batch_size(self.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        self.max_batch_size = self.batcher.max_batch_size = int(cfg.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         self.max_new_tokens = int(cfg.get("max_new_tokens", self.max_new_tokens))
         self._explain_slots = asyncio.Semaphore(int(cfg.get("explain_concurrency", 1)))
+        self.max_pending = int(cfg.get("max_pending", 0))
         device = str(cfg.get("device", "auto"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +158,6 @@ class InterestEncoder:
             self.device = torch.device(device)
             for _, state in self.versions.items():
                 state.model.to(self.device)
-        self.versions.hold(cfg.get("artifacts"))
 
     def _embed_mixed(self, artifacts: list[str], queries: list[str], histories: list[list[int]]
                      ) -> list[tuple[np.ndarray, str]]:
@@ -116,23 +171,26 @@ class InterestEncoder:
                 out[i] = (vec, state.version)
         return out  # type: ignore[return-value]
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _encode_batch(self, artifacts: list[str], queries: list[str], histories: list[list[int]]
-                            ) -> list[tuple[np.ndarray, str]]:
-        t0 = time.perf_counter()
-        out = self._embed_mixed(list(artifacts), list(queries), [list(x) for x in histories])
-        self.batch_sizes = (self.batch_sizes + [len(queries)])[-2000:]
-        self.forward_ms = (self.forward_ms + [(time.perf_counter() - t0) * 1000])[-2000:]
-        return out
+    def _embed_items(self, items: list[tuple[str, str, list[int]]]) -> list[tuple[np.ndarray, str]]:
+        artifacts, queries, histories = zip(*items)
+        return self._embed_mixed(list(artifacts), list(queries), [list(h) for h in histories])
+
+    def _record_batch(self, size: int, ms: float) -> None:
+        self.batch_sizes = (self.batch_sizes + [size])[-2000:]
+        self.forward_ms = (self.forward_ms + [ms])[-2000:]
 
     async def encode(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
-        """((d,) float32 unit vector, version). History ids must be known (the ingress filters them)."""
-        return await self._encode_batch(artifact, query or "", list(history))
+        """((d,) float32 unit vector, version). History ids must be known (the ingress filters them).
+        Refused at once (StageOverloaded) when the replica already holds `max_pending` calls."""
+        if self.max_pending and self.pending >= self.max_pending:
+            self.rejected += 1
+            raise StageOverloaded(f"encoder replica holds {self.pending} requests (max_pending {self.max_pending})")
+        self.pending += 1
+        try:
+            return await self.batcher.submit((artifact, query or "", list(history)))
+        finally:
+            self.pending -= 1
 
-    def encode_direct(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
-        """The same computation without `@serve.batch` (which only runs inside a Serve replica in
-        Ray 2.60): for the in-process stand-in (`karma_ray.serve.harness.inprocess_pipeline`)."""
-        return self._embed_mixed([artifact], [query or ""], [list(history)])[0]
 
     async def explain(self, artifact: str, query: str, history: list[int]) -> tuple[str, str]:
         """(text decoded from h, version). The decode runs in a worker thread, at most
@@ -166,8 +224,9 @@ class InterestEncoder:
                 "pid": os.getpid(), "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
                 "mean_batch_size": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
                 "forward_p50_ms": float(np.nanpercentile(fw, 50)), "forward_p99_ms": float(np.nanpercentile(fw, 99)),
-                "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+                "max_batch_size": self.max_batch_size,
+                "max_pending": self.max_pending, "pending": self.pending, "rejected": self.rejected}
 
     def reset_stats(self) -> None:
         """Forget recorded batch sizes and forward times (a benchmark measures one phase at a time)."""
-        self.batch_sizes, self.forward_ms = [], []
+        self.batch_sizes, self.forward_ms, self.rejected = [], [], 0

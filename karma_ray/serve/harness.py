@@ -202,11 +202,11 @@ def sample_requests(artifact: str | Path | None = None, n: int = 300, seed: int 
 class Local:
     """`obj.method.remote(*a)` → awaitable: a DeploymentHandle stand-in that calls in-process."""
 
-    def __init__(self, obj, aliases: dict[str, str] | None = None):
-        self._obj, self._aliases = obj, aliases or {}
+    def __init__(self, obj):
+        self._obj = obj
 
     def __getattr__(self, name):
-        fn = getattr(self._obj, self._aliases.get(name, name))
+        fn = getattr(self._obj, name)
 
         class _Method:
             @staticmethod
@@ -229,13 +229,12 @@ def inprocess_pipeline(artifact: str, cfg: dict[str, Any] | None = None):
     for name, bound in stages(artifact).items():
         dep = bound._bound_deployment  # the Deployment behind `.bind(...)`: its class and init args
         obj = dep.func_or_class(*dep.init_args, **dep.init_kwargs)
-        obj.reconfigure(uc.get(name, {}))
+        done = obj.reconfigure(uc.get(name, {}))
+        if asyncio.iscoroutine(done):
+            asyncio.run(done)
         objs[name] = obj
-    # @serve.batch refuses to run outside a replica in Ray 2.60, so the in-process encoder runs the
-    # same forward through encode_direct (a batch of one, which is also what sequential load gives).
-    enc = Local(objs["InterestEncoder"], {"encode": "encode_direct"})
-    pipe = SearchPipeline(HeldVersions(lambda a: Catalog.load(a, with_emb=False), artifact), enc,
-                          Local(objs["Recall"]), Local(objs["PreRank"]), Local(objs["Rank"]))
+    pipe = SearchPipeline(HeldVersions(lambda a: Catalog.load(a, with_emb=False), artifact),
+                          *(Local(objs[n]) for n in ("InterestEncoder", "Recall", "PreRank", "Rank")))
     return pipe, objs
 
 
@@ -284,3 +283,149 @@ def prometheus(metrics_port: int, binary: str | None = None, scrape_interval: st
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- fuzzing, closed-loop load, replica kill, the no-op floor ------------------------------------
+def fuzz(base_url: str, cases: int, paths: tuple[str, ...] = ("/search", "/explain"),
+         headers: dict[str, str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """`cases` schemathesis cases in all (half valid, half invalid by the schema, spread over `paths`)
+    generated from the app's own /openapi.json and sent over HTTP. Returns {"cases", "status_counts",
+    "examples_5xx"} (a few request bodies that got a 5xx, to reproduce them)."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    counts: dict[int, int] = {}
+    examples: list[dict[str, Any]] = []
+    jobs = [(path, mode) for path in paths for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+    with requests.Session() as session:
+        for i, (path, mode) in enumerate(jobs):
+            want = cases // len(jobs) + (1 if i < cases % len(jobs) else 0)
+            done = 0
+            for round_ in range(20):  # hypothesis stops early once a small space is exhausted: reseed
+                if done >= want:
+                    break
+                n_before = sum(counts.values())
+
+                @hypothesis_seed(seed * 1000 + round_)
+                @settings(max_examples=want - done, deadline=None, database=None, phases=[Phase.generate],
+                          suppress_health_check=list(HealthCheck))
+                @given(case=schema[path]["POST"].as_strategy(generation_mode=mode))
+                def send(case) -> None:
+                    r = case.call(base_url=base_url, session=session, headers=headers, timeout=60)
+                    counts[r.status_code] = counts.get(r.status_code, 0) + 1
+                    if r.status_code >= 500 and len(examples) < 5:
+                        examples.append({"path": path, "body": repr(case.body)[:500], "status": r.status_code,
+                                         "answer": r.text[:300]})
+
+                send()
+                done += sum(counts.values()) - n_before
+    return {"cases": sum(counts.values()), "status_counts": {str(k): v for k, v in sorted(counts.items())},
+            "examples_5xx": examples}
+
+
+def closed_loop(base_url: str, requests: list[dict[str, Any]], clients: int, seconds: float,
+                path: str = "/search", headers: dict[str, str] | None = None, timeout: float = 30.0,
+                backoff_cap_s: float = 0.25) -> dict[str, Any]:
+    """`clients` concurrent clients, each sending its next request as soon as the last one answered
+    (after a 429/503, once its Retry-After has passed, capped at `backoff_cap_s`), for `seconds`.
+    Returns {"requests", "ok", "qps", "status_counts", "latencies_ms" (of 200s)}."""
+    import httpx
+
+    async def run() -> list[tuple[int | str, float]]:
+        out: list[tuple[int | str, float]] = []
+        deadline = time.monotonic() + seconds
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, headers=headers) as c:
+            async def client(i: int) -> None:
+                n = i
+                while time.monotonic() < deadline:
+                    t = time.perf_counter()
+                    retry_after = 0.0
+                    try:
+                        r = await c.post(path, json=requests[n % len(requests)])
+                        status: int | str = r.status_code
+                        retry_after = float(r.headers.get("retry-after", 0)) if status in (429, 503) else 0.0
+                    except httpx.HTTPError as e:
+                        status = type(e).__name__
+                    out.append((status, (time.perf_counter() - t) * 1000))
+                    n += clients
+                    if retry_after:  # a well-behaved client: back off as told (capped), do not hammer
+                        await asyncio.sleep(min(retry_after, backoff_cap_s))
+            await asyncio.gather(*(client(i) for i in range(clients)))
+        return out
+
+    t0 = time.monotonic()
+    records = asyncio.run(run())
+    elapsed = time.monotonic() - t0
+    counts: dict[str, int] = {}
+    for status, _ in records:
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    ok = [ms for status, ms in records if status == 200]
+    return {"requests": len(records), "ok": len(ok), "qps": len(ok) / elapsed, "status_counts": counts,
+            "latencies_ms": ok}
+
+
+def replica_info(deployment: str, app: str = APP_NAME, tries: int = 8) -> list[dict[str, Any]]:
+    """`info()` of the replicas that answer `tries` calls (the router spreads them), one per pid."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app)
+    seen: dict[int, dict[str, Any]] = {}
+    for _ in range(tries):
+        info = handle.info.remote().result(timeout_s=60)
+        seen[info["pid"]] = info
+    return list(seen.values())
+
+
+def kill_one_replica(deployment: str, app: str = APP_NAME) -> int:
+    """SIGKILL one replica process of `deployment` (a crash, not a graceful stop); returns its pid."""
+    import signal
+
+    pid = replica_info(deployment, app, tries=1)[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def noop_chain_app(hops: int = 4, route_prefix: str = "/noop") -> dict[str, Any]:
+    """A Serve application config (for `deploy_config`'s "applications") of a FastAPI ingress that
+    calls `hops` no-op deployments one after the other over gRPC handles, like /search does: the
+    floor of this machine for an HTTP request through a four-stage chain."""
+    return {"name": "noop-chain", "route_prefix": route_prefix, "import_path": "karma_ray.serve.harness:_noop_chain",
+            "args": {"hops": hops},
+            "deployments": [{"name": "NoopIngress", "ray_actor_options": {"num_cpus": 0.1}}]
+            + [{"name": f"Noop{i}", "ray_actor_options": {"num_cpus": 0.1}} for i in range(hops)]}
+
+
+def _noop_chain(args: dict[str, Any]):
+    from fastapi import FastAPI
+    from ray import serve
+
+    web = FastAPI()
+
+    @serve.deployment
+    class Noop:
+        async def call(self, x):
+            return x
+
+    @serve.deployment
+    @serve.ingress(web)
+    class NoopIngress:
+        def __init__(self, *stages):
+            self.stages, self.grpc = stages, None
+
+        @web.post("/")
+        async def chain(self, body: dict):
+            if self.grpc is None:  # handle.options() wants the replica's event loop: set on first use
+                self.grpc = [s.options(_by_reference=False, request_serialization="pickle",
+                                       response_serialization="pickle") for s in self.stages]
+            x = body
+            for s in self.grpc:
+                x = await s.call.remote(x)
+            return x
+
+    hops = int(args.get("hops", 4))
+    return NoopIngress.bind(*[Noop.options(name=f"Noop{i}").bind() for i in range(hops)])

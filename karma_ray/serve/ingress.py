@@ -7,8 +7,9 @@ Errors are JSON, never stack traces:
   413  body over `max_body_bytes`;   429 over the per-client rate limit (Retry-After);
   422  validation (k or an id out of range, unknown fields, wrong JSON types, oversized history or
        query, malformed JSON, neither query nor history, every history id unknown and no query);
-  503  shed or unavailable, always with Retry-After: a stage's queue is full (`max_queued_requests`:
-       rejected at once, not queued), /explain over its own concurrency limit, a stage unavailable,
+  503  shed or unavailable, always with Retry-After: the ingress already runs `max_ongoing_search`
+       requests, an encoder replica already holds `max_pending`
+       requests, or a stage's router queue is full (`max_queued_requests`): rejected at once, not queued; /explain over its own concurrency limit, a stage unavailable,
        or a stage / the whole request over its time budget (`stage_timeout_s`, `request_timeout_s`,
        which the YAML keeps below the proxy's own `request_timeout_s`, so timeouts are JSON too);
   500  anything else, with a request id that is also in the replica log.
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from karma_ray.serve import guard
 from karma_ray.serve.catalog import Catalog
 from karma_ray.serve.metrics import get_metrics
-from karma_ray.serve.pipeline import RequestError, SearchPipeline, StageTimeout, replica_lost_errors
+from karma_ray.serve.pipeline import RequestError, SearchPipeline, StageOverloaded, StageTimeout, replica_lost_errors
 from karma_ray.serve.schemas import (
     CONTRACT_VERSION, MAX_HISTORY, MAX_K, ErrorResponse, ExplainRequest, ExplainResponse, HealthResponse,
     SearchRequest, SearchResponse,
@@ -48,7 +49,7 @@ def overload_errors() -> tuple[type, ...]:
     """Errors that mean "no capacity right now": answered 503 + Retry-After at once."""
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    return (BackPressureError, DeploymentUnavailableError, *replica_lost_errors())
+    return (StageOverloaded, BackPressureError, DeploymentUnavailableError, *replica_lost_errors())
 
 
 # ---- HTTP layer ------------------------------------------------------------------------------
@@ -160,6 +161,7 @@ class SearchIngress:
         self._overload = overload_errors()
         self.request_timeout_s: float | None = None
         self.explain_limit = ConcurrencyLimit(2, "/explain")
+        self.search_limit = ConcurrencyLimit(10**9, "/search")
         self._warm: set[str] = set()
 
     async def reconfigure(self, cfg: dict[str, Any]) -> None:  # async: handle.options() wants the event loop
@@ -168,6 +170,8 @@ class SearchIngress:
           request_timeout_s  whole-request budget; keep it below http_options.request_timeout_s;
           stage_retries      retries of a stage call whose replica died (default 2);
           explain_max_ongoing  /explain calls at once per ingress replica, beyond: 503 (default 2);
+          max_ongoing_search   /search calls at once per ingress replica, beyond: 503 at once, before
+                             any stage is touched (the cheapest refusal; 0 = no limit);
           handle_transport   "actor" (Ray actor calls, Serve's default) or "grpc" (Serve's
                              inter-deployment gRPC, `_by_reference=False`; fewer copies per hop);
           serialization      request/response serialisation for gRPC hops: "cloudpickle" | "pickle";
@@ -180,6 +184,7 @@ class SearchIngress:
         p.stage_retries = int(cfg.get("stage_retries", 2))
         self.request_timeout_s = float(cfg["request_timeout_s"]) if cfg.get("request_timeout_s") else None
         self.explain_limit = ConcurrencyLimit(int(cfg.get("explain_max_ongoing", 2)), "/explain")
+        self.search_limit = ConcurrencyLimit(int(cfg.get("max_ongoing_search", 0)) or 10**9, "/search")
         self._set_transport(cfg)
         await self._switch(cfg.get("artifact") or p.catalogs.initial)
 
@@ -228,7 +233,7 @@ class SearchIngress:
     @app.post("/search", response_model=SearchResponse, responses=_ERRORS,
               summary="Top-k items for a query and/or click history")
     async def search(self, req: SearchRequest):
-        return await self._answer("search", self.pipeline.search(req))
+        return await self._answer("search", self.search_limit.run(self.pipeline.search(req)))
 
     @app.post("/explain", response_model=ExplainResponse, responses=_ERRORS,
               summary="Text decoded from the interest embedding h (\"Next: …\")")

@@ -44,6 +44,10 @@ class StageTimeout(Exception):
     """A stage (or the whole request) did not answer within its time budget: 503."""
 
 
+class StageOverloaded(Exception):
+    """A stage replica refused a call because its own queue is full (`max_pending`): 503 at once."""
+
+
 class VersionMismatch(Exception):
     """A stage answered from another artifact version than the one pinned for the request (a bug)."""
 

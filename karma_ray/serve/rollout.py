@@ -107,9 +107,27 @@ def drain_seconds(cfg: dict[str, Any], app: str = APP_NAME) -> float:
     return float(uc.get("request_timeout_s") or uc.get("stage_timeout_s") or 30.0)
 
 
+def wait_until_held(artifact: str, app: str = APP_NAME, timeout_s: float = 300.0) -> None:
+    """Until every stage replica that answers holds `artifact` (Serve may report RUNNING before
+    each replica's `reconfigure` has loaded it)."""
+    from karma_ray.serve.harness import replica_info
+
+    key, deadline = artifact_key(artifact), time.monotonic() + timeout_s
+    while True:
+        missing = [name for name in STAGE_DEPLOYMENTS
+                   if any(key not in info.get("versions", {}) for info in replica_info(name, app, tries=6))]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stages {missing} do not hold {key} after {timeout_s:g} s")
+        time.sleep(1.0)
+
+
 def roll(new: str, *, cfg: dict[str, Any], deploy: Callable[[dict[str, Any]], None], app: str = APP_NAME,
-         drain_s: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Deploy the three phases in order; `deploy(cfg)` must return once the app is RUNNING again."""
+         drain_s: float | None = None, log: Callable[[str], None] = print,
+         confirm: Callable[[str, str], None] | None = wait_until_held) -> dict[str, Any]:
+    """Deploy the three phases in order; `deploy(cfg)` must return once the app is RUNNING again,
+    and `confirm(new, app)` once every stage replica holds the new version (after phase 1)."""
     from karma_ray.serve.catalog import resolve_artifact
 
     new = artifact_key(resolve_artifact(new))  # fails before anything is touched if it is incomplete
@@ -123,5 +141,7 @@ def roll(new: str, *, cfg: dict[str, Any], deploy: Callable[[dict[str, Any]], No
         t0 = time.monotonic()
         log(f"phase {i + 1}/3: {name}")
         deploy(phase_cfg)
+        if i == 0 and confirm is not None:
+            confirm(new, app)
         timings[name] = round(time.monotonic() - t0, 2)
     return {"from": old, "to": new, "phase_seconds": timings, "config": phase_cfg}

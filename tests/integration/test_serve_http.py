@@ -213,3 +213,61 @@ def test_real_prometheus_scrapes_every_stage_latency_histogram(client, catalogue
                 continue
             found = {s["metric"].get("stage") for s in series if float(s["value"][1]) > 0}
     assert set(STAGES) <= found, f"stages with buckets in Prometheus: {sorted(found)}"
+
+
+def test_rollout_under_load_gives_one_version_per_response_and_rolls_back(client, tiny_artifact, tmp_path):
+    """jobs/rollout.py's phases on the live app while a client keeps searching: no request fails,
+    every answer comes from one version, the new version takes over, and --rollback returns."""
+    import json
+    import shutil
+    import threading
+
+    from karma_ray.serve.harness import deploy_config
+    from karma_ray.serve.rollout import live_config, previous_artifact, roll
+
+    v2 = tmp_path / "serve-test-v2"
+    shutil.copytree(tiny_artifact, v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    (v2 / "manifest.json").write_text(json.dumps({**manifest, "run_name": "serve-test-v2"}))
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        import httpx
+
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/search", json={"query": "lamp", "k": 3})
+                seen.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        out = roll(str(v2), cfg=live_config(), deploy=deploy_config, drain_s=1.0, log=lambda _: None)
+        assert out["to"] == str(v2.resolve())
+        n_rolled = len(seen)
+        back = roll(previous_artifact(live_config()), cfg=live_config(), deploy=deploy_config, drain_s=1.0,
+                    log=lambda _: None)
+        assert back["to"] == str(tiny_artifact.resolve())
+        while len(seen) < n_rolled + 3:  # a few answers after the rollback too
+            stop.wait(0.2)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert seen and all(status == 200 for status, _ in seen), [s for s in seen if s[0] != 200][:5]
+    versions = [v for _, v in seen]
+    assert set(versions) <= {"serve-test", "serve-test-v2"}
+    assert "serve-test-v2" in versions[:n_rolled + 1] and versions[-1] == "serve-test"
+    switches = sum(a != b for a, b in zip(versions, versions[1:]))
+    assert switches <= 2, "one switch to the new version and one back: never back and forth"
+
+
+def test_fuzzing_from_the_openapi_schema_finds_no_5xx(base_url):
+    """schemathesis cases (valid and invalid by the app's own /openapi.json) on /search and /explain:
+    every answer is a 2xx or a clear 4xx. benchmarks/reliability.py runs >= 1,000 of them."""
+    from karma_ray.serve.harness import fuzz
+
+    out = fuzz(base_url, 48)
+    assert out["cases"] >= 48
+    assert not [c for c in out["status_counts"] if c.startswith("5")], out
+    assert set(out["status_counts"]) <= {"200", "400", "413", "422"}, out
