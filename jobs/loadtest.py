@@ -37,8 +37,10 @@ def pick_sampler(args) -> tuple[Callable[[], dict[str, int]] | None, str]:
     try:
         import ray
 
-        if args.ray_address and not ray.is_initialized():
-            ray.init(address=args.ray_address, log_to_driver=False)
+        from karma_ray.runtime import ensure_ray
+
+        if args.ray_address:
+            ensure_ray(args.ray_address, log_to_driver=False)
         if ray.is_initialized():
             s = partial(replica_counts, args.app)
             s()

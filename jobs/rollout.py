@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="wait before dropping the old version (default: the ingress's request_timeout_s)")
     args = p.parse_args(argv)
 
-    import ray
+    from karma_ray.runtime import ensure_ray
 
-    ray.init(address=args.address, log_to_driver=False)
+    ensure_ray(args.address, log_to_driver=False)
     cfg = live_config()
     target = previous_artifact(cfg, args.app) if args.rollback else args.artifact
     out = roll(target, cfg=cfg, deploy=deploy_config, app=args.app, drain_s=args.drain_seconds)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from karma_ray.serve.catalog import resolve_artifact
+from karma_ray.artifact.layout import resolve
 from karma_ray.serve.encoder import InterestEncoder
 from karma_ray.serve.ingress import SearchIngress
 from karma_ray.serve.ranking import Ranker
@@ -41,14 +41,20 @@ def expand(value: str) -> str:
     return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
 
 
-def artifact_from_args(args: dict[str, Any] | None) -> str:
-    """Absolute artifact dir. A relative path is tried against the current directory, then the repo
-    root (Serve builds the app in a worker whose cwd need not be where `serve run` was started)."""
+def artifact_path(args: dict[str, Any] | None) -> Path:
+    """The artifact dir the args name (unchecked). A relative path is tried against the current
+    directory, then the repo root (Serve builds the app in a worker whose cwd need not be where
+    `serve run` was started)."""
     given = expand(str((args or {}).get("artifact") or "")) or os.environ.get("KARMA_ARTIFACT") or "artifacts/latest"
     raw = Path(given).expanduser()
     if not raw.is_absolute() and not raw.exists() and (REPO_ROOT / raw).exists():
         raw = REPO_ROOT / raw
-    return str(resolve_artifact(raw))  # fails here, with a clear message, before any replica starts
+    return raw
+
+
+def artifact_from_args(args: dict[str, Any] | None) -> str:
+    """Absolute, complete artifact dir: fails here, with a clear message, before any replica starts."""
+    return str(resolve(artifact_path(args)))
 
 
 def stages(artifact: str) -> dict[str, Application]:

@@ -40,27 +40,28 @@ WARMUP_PROMPTS = (("running shoes", []), ("", []), ("a longer warm-up query abou
 @dataclass
 class EncoderState:
     model: Any  # KarmaModel
-    tokenizer: Any
-    builder: Any  # PromptBuilder
+    builder: Any  # PromptBuilder (its tokenizer decodes /explain)
     version: str
-    next_ids: Any  # torch.LongTensor of "Next: "
+    decode_prefix: Any  # torch.LongTensor of "Next: ", where decoding from h starts
 
 
 def load_encoder_state(artifact: str) -> EncoderState:
+    """The model and the prompt builder only (a lean replica: no index, no item embeddings)."""
     import torch
 
-    from karma_ray.index.artifact import load_artifact
+    from karma_ray.artifact.reader import load_encoder
 
     t0 = time.perf_counter()
-    art = load_artifact(artifact)
-    next_ids = torch.tensor(art.tokenizer("Next: ", add_special_tokens=False).input_ids, dtype=torch.long)
-    state = EncoderState(art.model, art.tokenizer, art.builder, art.version, next_ids)
-    log.info("InterestEncoder loaded %s in %.1fs", art.path, time.perf_counter() - t0)
+    enc = load_encoder(artifact)
+    enc.model.eval()
+    state = EncoderState(enc.model, enc.builder, enc.version, torch.tensor(enc.builder.decode_prefix, dtype=torch.long))
+    log.info("InterestEncoder loaded %s in %.1fs", enc.path, time.perf_counter() - t0)
     return state
 
 
 def embed(state: EncoderState, queries: list[str], histories: list[list[int]], device) -> np.ndarray:
-    """(B, d) float32 unit vectors for one version's prompts."""
+    """(B, d) float32 unit vectors for one version's prompts, on the replica's device (one forward,
+    unlike `models.inference.embed_interests`, which loops over CPU mini-batches)."""
     import torch
 
     arr = state.builder.interest_batch(queries, histories)
@@ -205,9 +206,9 @@ class InterestEncoder:
         import torch
 
         with torch.inference_mode():
-            ids = state.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), state.next_ids.to(self.device),
+            ids = state.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), state.decode_prefix.to(self.device),
                                             state.builder.eos_id, self.max_new_tokens)[0]
-        return state.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return state.builder.tok.decode(ids, skip_special_tokens=True).strip()
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

@@ -126,26 +126,15 @@ def replica_counts(app_name: str | None = APP_NAME) -> dict[str, int]:
 def start_local(config: str | Path, artifact: str | Path, *, num_cpus: int = 4, http_port: int | None = None,
                 metrics_port: int | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                 env: dict[str, str] | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Private local Ray + the YAML's app on free ports. Returns {"url", "metrics_port", "config"}."""
-    import ray
+    """Private local Ray (`karma_ray.runtime.ensure_ray`) + the YAML's app on free ports.
+    Returns {"url", "metrics_port", "config"}."""
+    from karma_ray.runtime import ensure_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # the raylet waits this long for its agents; their start can exceed the 30 s default on a busy box
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     for key, value in (env or {}).items():  # e.g. RAY_SERVE_* switches: workers inherit the driver's env
         os.environ[key] = value
     metrics_port = metrics_port or free_port()
-    for attempt in range(3):  # on an overloaded box the raylet can time out waiting for its agents
-        try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     _metrics_export_port=metrics_port)
-            break
-        except Exception as e:  # noqa: BLE001 — Ray raises a bare Exception for a startup timeout
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            ray.shutdown()
-            time.sleep(10)
+    ensure_ray(num_cpus=num_cpus, metrics_port=metrics_port, log_to_driver=False, include_dashboard=False)
     cfg = load_config(config, artifact=str(artifact), http_port=http_port or free_port(), overrides=overrides)
     url = deploy_config(cfg, timeout_s=timeout_s)
     return {"url": url, "metrics_port": metrics_port, "config": cfg}

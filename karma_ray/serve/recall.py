@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 from ray import serve
 
-from karma_ray.serve.catalog import Catalog, resolve_artifact
+from karma_ray.artifact.layout import read_manifest, resolve, version
+from karma_ray.artifact.reader import load_index
 from karma_ray.serve.versions import HeldVersions
 
 DEFAULT_TOP_N = 200
@@ -47,11 +48,9 @@ class RecallState:
 
 
 def load_recall_state(artifact: str) -> RecallState:
-    import faiss
-
-    p = resolve_artifact(artifact)
-    index = faiss.read_index(str(p / "index.faiss"))
-    return RecallState(index, Catalog.read_version(p))
+    """The index alone (a lean replica: no model, no item table, no embeddings)."""
+    p = resolve(artifact, ("manifest.json", "index.faiss"))
+    return RecallState(load_index(p), version(read_manifest(p), p))
 
 
 def check_index(state: RecallState) -> None:

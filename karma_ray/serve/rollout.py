@@ -22,7 +22,7 @@ import copy
 import time
 from typing import Any, Callable
 
-from karma_ray.serve.app import APP_NAME, artifact_from_args
+from karma_ray.serve.app import APP_NAME, artifact_path
 from karma_ray.serve.versions import artifact_key
 
 STAGE_DEPLOYMENTS = ("InterestEncoder", "Recall", "PreRank", "Rank")
@@ -72,7 +72,7 @@ def pinned_artifact(cfg: dict[str, Any], app: str = APP_NAME) -> str:
     """The artifact the ingress pins requests to in this config."""
     uc = _deployment(copy.deepcopy(cfg), INGRESS, app)["user_config"]
     app_cfg = next(a for a in cfg["applications"] if a["name"] == app)
-    return artifact_key(uc.get("artifact") or artifact_from_args(app_cfg.get("args")))
+    return artifact_key(uc.get("artifact") or artifact_path(app_cfg.get("args")))
 
 
 def phases(cfg: dict[str, Any], new: str, app: str = APP_NAME) -> list[tuple[str, dict[str, Any]]]:
@@ -128,9 +128,9 @@ def roll(new: str, *, cfg: dict[str, Any], deploy: Callable[[dict[str, Any]], No
          confirm: Callable[[str, str], None] | None = wait_until_held) -> dict[str, Any]:
     """Deploy the three phases in order; `deploy(cfg)` must return once the app is RUNNING again,
     and `confirm(new, app)` once every stage replica holds the new version (after phase 1)."""
-    from karma_ray.serve.catalog import resolve_artifact
+    from karma_ray.artifact.layout import resolve
 
-    new = artifact_key(resolve_artifact(new))  # fails before anything is touched if it is incomplete
+    new = artifact_key(resolve(new))  # fails before anything is touched if it is incomplete
     old = pinned_artifact(cfg, app)
     timings = {}
     for i, (name, phase_cfg) in enumerate(phases(cfg, new, app)):

@@ -125,12 +125,10 @@ def test_check_health_fails_when_the_index_is_missing_or_empty(tmp_path):
         Recall.func_or_class(str(art))
 
 
-def test_catalog_check_needs_items_and_a_version(tmp_path):
-    art = _artifact(tmp_path / "a", "v1")
-    Catalog.load(art).check()
-    (art / "manifest.json").write_text(json.dumps({"run_name": ""}))
-    with pytest.raises(RuntimeError, match="no version"):
-        Catalog.load(art).check()
+def test_catalog_check_needs_items(tmp_path):
+    Catalog.load(_artifact(tmp_path / "a", "v1")).check()
+    with pytest.raises(RuntimeError, match="catalogue is empty"):
+        Catalog.load(_artifact(tmp_path / "b", "v2", n=0)).check()
 
 
 # ---- versions, retries, limits -----------------------------------------------------------------

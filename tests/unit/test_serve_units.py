@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from karma_ray.data.prompts import UnknownItemError
+from karma_ray.data.catalog import UnknownItemError
 from karma_ray.serve.catalog import Catalog, stage_scores, top_by_score
 from karma_ray.serve.harness import Local
 from karma_ray.serve.ingress import respond
@@ -94,11 +94,11 @@ def test_recall_caps_at_catalogue_size():
     assert len(recall_topn(_index(emb, np.array([1, 2, 3, 4])), emb[0], [], 0)[0]) == 0
 
 
-# ---- catalogue rows (items.parquet order, not id order) --------------------------------------
+# ---- catalogue rows (the artifact's one convention: position in the id-sorted catalogue) -----
 @pytest.fixture()
 def toy_artifact(tmp_path):
-    ids = np.array([30, 10, 20, 40], np.int64)  # deliberately not sorted
-    emb = np.eye(4, dtype=np.float32)[[2, 0, 1, 3]]  # row i of item_emb ↔ items.parquet row i
+    ids = np.array([10, 20, 30, 40], np.int64)  # artifacts store items id-sorted
+    emb = np.eye(4, dtype=np.float32)  # row i of item_emb ↔ catalogue row i
     pq.write_table(pa.table({"item_id": ids, "title": [f"t{i}" for i in ids], "category": ["c"] * 4,
                              "attributes": [""] * 4}), tmp_path / "items.parquet")
     np.save(tmp_path / "item_emb.npy", emb, allow_pickle=False)
@@ -107,10 +107,10 @@ def toy_artifact(tmp_path):
     return tmp_path
 
 
-def test_catalog_rows_follow_items_parquet(toy_artifact):
+def test_catalog_rows_are_id_sorted_positions(toy_artifact):
     cat = Catalog.load(toy_artifact)
     assert cat.version == "toy-run" and len(cat) == 4
-    assert cat.rows_of([30, 10, 40]).tolist() == [0, 1, 3]
+    assert cat.rows_of([30, 10, 40]).tolist() == [2, 0, 3]
     assert cat.title_of([20]) == ["t20"]
     np.testing.assert_array_equal(cat.item_emb[cat.rows_of([20])[0]], np.eye(4, dtype=np.float32)[1])
     assert cat.split_known([10, 5, 40, 5]) == ([10, 40], [5, 5])
@@ -147,9 +147,9 @@ def test_stage_scores_passes_consistent_rows_to_rankers(toy_artifact):
     h = np.ones(4, np.float32)
     s = stage_scores(b, "rank", cat, h, np.array([40, 10]), [20, 30])
     (hshape, emb, rows, hist), = b.calls
-    assert hshape == (1, 4) and rows.tolist() == [[3, 1]] and hist == [[2, 0]]
-    np.testing.assert_array_equal(emb[0], cat.item_emb[[3, 1]])
-    assert s.tolist() == [-3.0, -1.0]
+    assert hshape == (1, 4) and rows.tolist() == [[3, 0]] and hist == [[1, 2]]
+    np.testing.assert_array_equal(emb[0], cat.item_emb[[3, 0]])
+    assert s.tolist() == [-3.0, 0.0]
 
 
 # ---- the request pipeline with in-process stages ---------------------------------------------
