@@ -387,7 +387,8 @@ def _set_manifest(art_dir: Path, name: str, parent: str, metrics: dict[str, Any]
     manifest.update(run_name=name, parent_version=parent,
                     rankers={k: v for k, v in metrics.items() if not k.endswith("_train_loss")})
     if "files" in manifest:
-        manifest["files"] = sorted(str(p.relative_to(art_dir)) for p in art_dir.rglob("*") if p.is_file())
+        manifest["files"] = sorted(str(p.relative_to(art_dir)) for p in art_dir.rglob("*")
+                                   if p.is_file() and p.name != "manifest.json")
     path.write_text(json.dumps(manifest, indent=2))
 
 
