@@ -241,3 +241,22 @@ def test_rollout_phases_hold_both_then_switch_then_drop(tmp_path):
     assert c3["applications"][0]["args"] == cfg["applications"][0]["args"]  # init args untouched: no restarts
     with pytest.raises(ValueError, match="nothing to roll back to"):
         previous_artifact(cfg)
+
+
+# ---- the shipped YAMLs -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["search.yaml", "search-gpu.yaml"])
+def test_yaml_timeouts_answer_before_the_proxy_and_shedding_is_bounded(name):
+    """The ingress's own deadlines fit inside the proxy's (so a timeout is a JSON 503, not the
+    proxy's plain-text answer), and every queue that can shed is bounded."""
+    from karma_ray.serve.harness import REPO_ROOT, load_config, user_configs
+
+    cfg = load_config(REPO_ROOT / "serve_configs" / name)
+    ingress = user_configs(cfg)["SearchIngress"]
+    assert 0 < ingress["stage_timeout_s"] <= ingress["request_timeout_s"] < cfg["http_options"]["request_timeout_s"]
+    guard.GuardConfig.from_user_config(ingress)  # the gate's keys are valid
+    deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
+    assert set(deps) == {"SearchIngress", "InterestEncoder", "Recall", "PreRank", "Rank"}
+    assert all(0 < d["max_queued_requests"] for d in deps.values())
+    assert all(d.get("health_check_period_s") for d in deps.values())
+    enc = deps["InterestEncoder"]
+    assert enc["user_config"]["max_pending"] >= enc["user_config"]["max_batch_size"]
