@@ -13,7 +13,8 @@ SECTIONS). The JSON keys outside checks read:
   replica_kill    {"requests", "failed_share"}
   rollout         {"requests", "failed", "mixed_versions"}
   serve_overhead  {"p50_ms_serve", "p50_ms_inprocess", "p50_ms_noop_chain", "mean_batch_size_16_clients"}
-plus "machine" (CPUs and load averages before and after each section).
+plus "calibration" (capacity and the steady load every section uses) and "machine" (CPUs and
+load averages; each section also records its own before and after).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +47,8 @@ class Bench:
     config: dict[str, Any]
     requests: list[dict[str, Any]]
     args: argparse.Namespace
-    notes: dict[str, Any] = field(default_factory=dict)
+    capacity_qps: float = 0.0  # measured once: 16 closed-loop clients (see `calibrate`)
+    light_qps: float = 0.0  # the steady load of every section: well below capacity on a busy machine too
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -129,12 +131,11 @@ def section_overload(bench: Bench) -> dict[str, Any]:
     """Baseline at a light rate, then `overload_factor` × the measured capacity, then idle, then the
     light rate again."""
     a = bench.args
-    capacity = harness.closed_loop(bench.url, bench.requests, clients=16, seconds=10)["qps"]
-    base = load(bench, a.light_qps, a.phase_seconds)
-    offered = round(max(4 * a.light_qps, a.overload_factor * capacity), 1)
+    base = load(bench, bench.light_qps, a.phase_seconds)
+    offered = round(max(4 * bench.light_qps, a.overload_factor * bench.capacity_qps), 1)
     over = load(bench, offered, a.phase_seconds)
     time.sleep(a.recovery_seconds)
-    after = load(bench, a.light_qps, a.phase_seconds)
+    after = load(bench, bench.light_qps, a.phase_seconds)
     recs = [r for r in over["records"] if r.get("status") != "skipped"]
     n = max(1, len(recs))
     n503 = sum(r.get("status") == 503 for r in recs)
@@ -145,7 +146,7 @@ def section_overload(bench: Bench) -> dict[str, Any]:
             "p99_ms_rejected": pct(latencies(recs, 503), 99), "p99_ms_served": pct(ok, 99),
             "p99_ms_baseline": pct(latencies(base["records"]), 99),
             "p99_ms_after_recovery": pct(latencies(after["records"]), 99),
-            "capacity_qps_16_clients": round(capacity, 2), "light_qps": a.light_qps,
+            "capacity_qps_16_clients": bench.capacity_qps, "light_qps": bench.light_qps,
             "status_counts": over["steps"][0]["status_counts"], "seconds_per_phase": a.phase_seconds,
             "baseline_status_counts": base["steps"][0]["status_counts"],
             "after_status_counts": after["steps"][0]["status_counts"]}
@@ -171,7 +172,7 @@ def section_replica_kill(bench: Bench) -> dict[str, Any]:
     t0 = time.monotonic()
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    res = load(bench, a.light_qps, seconds)
+    res = load(bench, bench.light_qps, seconds)
     thread.join(timeout=60)
     replaced_s = _wait_replicas({"InterestEncoder": 2, "Rank": 2}, 180)
     recs = [r for r in res["records"] if r.get("status") != "skipped"]
@@ -180,7 +181,7 @@ def section_replica_kill(bench: Bench) -> dict[str, Any]:
     third = max(1, len(tl) // 3)
     harness.deploy_config(bench.config)  # back to the YAML's replica bounds
     return {"requests": len(recs), "failed_share": round(len(failed) / max(1, len(recs)), 4),
-            "failed_status_counts": _counts(failed), "killed": killed, "qps": a.light_qps,
+            "failed_status_counts": _counts(failed), "killed": killed, "qps": bench.light_qps,
             "replicas_back_after_s": replaced_s,
             "p99_ms_first_third": pct([p["p99_ms"] for p in tl[:third] if p["p99_ms"]], 50),
             "p99_ms_last_third": pct([p["p99_ms"] for p in tl[-third:] if p["p99_ms"]], 50)}
@@ -225,7 +226,7 @@ def section_rollout(bench: Bench) -> dict[str, Any]:
 
     thread = threading.Thread(target=do_roll, daemon=True)
     thread.start()
-    res = load(bench, a.light_qps, a.rollout_seconds, record_version=True)
+    res = load(bench, bench.light_qps, a.rollout_seconds, record_version=True)
     thread.join(timeout=600)
     shutil.rmtree(tmp, ignore_errors=True)
     recs = [r for r in res["records"] if r.get("status") != "skipped"]
@@ -238,6 +239,17 @@ def section_rollout(bench: Bench) -> dict[str, Any]:
             "mixed_versions": sum(v not in known for v in versions) + sum(r.get("status") == 500 for r in recs),
             "answers_per_version": {v: versions.count(v) for v in sorted(set(versions), key=str)},
             "rollout_finished": bool(result), **result}
+
+
+def calibrate(bench: Bench) -> dict[str, Any]:
+    """Capacity with 16 closed-loop clients, and the steady load every section uses: at most
+    `--light-qps`, at most `--light-share` of capacity (the figures mean the same on a busy machine)."""
+    probe = harness.closed_loop(bench.url, bench.requests, clients=16, seconds=10)
+    bench.capacity_qps = round(probe["qps"], 2)
+    bench.light_qps = round(min(bench.args.light_qps, bench.args.light_share * bench.capacity_qps), 2)
+    time.sleep(bench.args.recovery_seconds)  # let the probe's queues drain
+    return {"capacity_qps_16_clients": bench.capacity_qps, "light_qps": bench.light_qps,
+            "status_counts": probe["status_counts"]}
 
 
 SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
@@ -254,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuzz-cases", type=int, default=1000)
     p.add_argument("--overhead-requests", type=int, default=150)
     p.add_argument("--batch-seconds", type=float, default=15.0)
-    p.add_argument("--light-qps", type=float, default=3.0)
+    p.add_argument("--light-qps", type=float, default=4.0, help="steady load, at most (QPS)")
+    p.add_argument("--light-share", type=float, default=0.3, help="steady load, at most this share of capacity")
     p.add_argument("--overload-factor", type=float, default=3.0)
     p.add_argument("--phase-seconds", type=float, default=20.0)
     p.add_argument("--recovery-seconds", type=float, default=10.0)
@@ -279,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         harness.deploy_config(cfg)
         print(f"serve up at {info['url']} in {time.time() - t0:.0f}s")
         bench = Bench(info["url"], artifact, cfg, harness.sample_requests(artifact, 3000, seed=3), args)
+        result["calibration"] = calibrate(bench)
+        print(f"calibration: {result['calibration']}")
         for name in sections:
             t = time.time()
             load_before = os.getloadavg()

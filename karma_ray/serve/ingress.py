@@ -7,11 +7,12 @@ Errors are JSON, never stack traces:
   413  body over `max_body_bytes`;   429 over the per-client rate limit (Retry-After);
   422  validation (k or an id out of range, unknown fields, wrong JSON types, oversized history or
        query, malformed JSON, neither query nor history, every history id unknown and no query);
-  503  shed or unavailable, always with Retry-After: the ingress already runs `max_ongoing_search`
-       requests, an encoder replica already holds `max_pending`
-       requests, or a stage's router queue is full (`max_queued_requests`): rejected at once, not queued; /explain over its own concurrency limit, a stage unavailable,
-       or a stage / the whole request over its time budget (`stage_timeout_s`, `request_timeout_s`,
-       which the YAML keeps below the proxy's own `request_timeout_s`, so timeouts are JSON too);
+  503  shed or unavailable, always with Retry-After. Refused at once, never queued: the ingress
+       already runs `max_ongoing_search` requests, an encoder replica already holds `max_pending`,
+       a stage's router queue is full (`max_queued_requests`), /explain is at its own limit. Also:
+       a stage unavailable, or a stage / the whole request over its time budget (`stage_timeout_s`,
+       `request_timeout_s`, which the YAML keeps below the proxy's own `request_timeout_s`, so
+       timeouts are JSON too);
   500  anything else, with a request id that is also in the replica log.
 Every answered request is counted in `karma_requests_total{status,endpoint}`.
 """
