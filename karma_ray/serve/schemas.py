@@ -27,17 +27,17 @@ MAX_HISTORY = 200
 MAX_QUERY_CHARS = 512
 CONTRACT_VERSION = "1"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-ItemId = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"user_id": 7, "query": "running shoes", "history": [12, 40, 7], "k": 10}]})
 
-    user_id: Optional[ItemId] = Field(None, description="Caller's user id (logged, not used for scoring).")
+    user_id: Optional[Int64] = Field(None, description="Caller's user id (logged, not used for scoring).")
     query: Optional[StrictStr] = Field(None, max_length=MAX_QUERY_CHARS, description="Free-text query; may be empty.")
-    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
-                                     description=f"Earlier clicked item ids, oldest first (at most {MAX_HISTORY}).")
+    history: list[Int64] = Field(default_factory=list, max_length=MAX_HISTORY,
+                                 description=f"Earlier clicked item ids, oldest first (at most {MAX_HISTORY}).")
     k: StrictInt = Field(DEFAULT_K, ge=1, le=MAX_K, description=f"Number of results, 1..{MAX_K}.")
 
     @model_validator(mode="after")
