@@ -318,7 +318,7 @@ def report_md(r: dict[str, Any]) -> str:
     lines = ["# Reliability and serving cost (benchmarks/reliability.py)", "",
              f"Artifact `{Path(r.get('artifact', '')).name}`, machine {r['machine']['cpus']} CPUs, "
              f"1/5/15-min load average at the start {tuple(round(x, 1) for x in r['machine']['loadavg_start'])}.", ""]
-    for name in SECTIONS:
+    for name in ("calibration", *SECTIONS):
         if name not in r:
             continue
         lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
