@@ -8,6 +8,10 @@
   sample_requests                     /search bodies replayed from the artifact's held-out events
   inprocess_pipeline                  the same SearchPipeline with the stage classes called in-process
   prometheus / prom_query             a real Prometheus from deploy/prometheus.yml on one Ray's metrics port
+  fuzz                                schemathesis cases from the app's own /openapi.json
+  closed_loop                         N clients, each sending as soon as its last answer came (Retry-After honoured)
+  replica_info / kill_one_replica     a stage's replicas' `info()`; SIGKILL one of them (a crash)
+  noop_chain_app                      a no-op 4-hop chain app: the machine's floor for /search's shape
 """
 from __future__ import annotations
 
