@@ -19,24 +19,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from karma_ray.serve.harness import prom_query, prometheus, sample_requests, start_local, stop_local
+from karma_ray.serve.metrics import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-STAGES = ("encode", "recall", "prerank", "rank")
-
-
-def prom_query(base: str, expr: str) -> list[dict]:
-    import httpx
-
-    r = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10)
-    r.raise_for_status()
-    body = r.json()
-    if body.get("status") != "success":
-        raise RuntimeError(f"query failed: {expr}: {body}")
-    return body["data"]["result"]
 
 
 def dashboard_queries(path: Path) -> list[tuple[str, str]]:
@@ -62,103 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         print("prometheus binary not found: `sudo apt-get install -y prometheus` (or pass --prometheus PATH)")
         return 2
 
-    import httpx
-    import yaml
-
-    from karma_ray.serve.workload import free_port, sample_requests, start_local, stop_local
-
     artifact = str(Path(args.artifact).resolve())
     version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    tmp = Path(tempfile.mkdtemp(prefix="karma-prom-"))
-    prom_proc = None
     result: dict = {"prometheus": version}
     try:
         info = start_local(args.config, artifact)
         target = f"127.0.0.1:{info['metrics_port']}"
-        sd = tmp / "ray_sd.json"
-        sd.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [target]}]))
-        prom_cfg = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
-        prom_cfg["global"]["scrape_interval"] = "2s"  # quicker evidence; the shipped file says 5s
-        for job in prom_cfg["scrape_configs"]:
-            for sdc in job.get("file_sd_configs", []):
-                sdc["files"] = [str(sd)]
-                sdc["refresh_interval"] = "5s"
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
-        prom_port = free_port()
-        prom = f"http://127.0.0.1:{prom_port}"
-        prom_proc = subprocess.Popen(
-            [args.prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-            stdout=open(tmp / "prometheus.log", "w"), stderr=subprocess.STDOUT)
-        print(f"serve {info['url']}, Ray metrics {target}, Prometheus {prom} (pid {prom_proc.pid})")
-
-        with httpx.Client(base_url=info["url"], timeout=60) as c:
-            codes: dict[str, int] = {}
-            for body in sample_requests(artifact, args.requests, seed=2):
-                code = c.post("/search", json=body).status_code
-                codes[str(code)] = codes.get(str(code), 0) + 1
-            for body in ({"query": "x", "k": 0}, {"history": ["a"]}, {}):
-                code = c.post("/search", json=body).status_code
-                codes[str(code)] = codes.get(str(code), 0) + 1
-            codes["explain_" + str(c.post("/explain", json={"query": "running shoes"}).status_code)] = 1
-        result["sent"] = codes
-
-        deadline = time.monotonic() + args.wait_seconds
-        found: set[str] = set()
-        while time.monotonic() < deadline:
-            try:
-                series = prom_query(prom, "sum by (stage) (ray_karma_stage_latency_ms_count)")
-                found = {s["metric"].get("stage") for s in series if float(s["value"][1]) > 0}
-                if set(STAGES) <= found:
-                    break
-            except httpx.HTTPError:
-                pass  # Prometheus still starting
-            time.sleep(2)
-        expected = sum(v for k, v in codes.items() if not k.startswith("explain"))
-        while time.monotonic() < deadline:  # counters of the last requests arrive a report later
-            got = sum(float(s["value"][1]) for s in prom_query(prom, 'ray_karma_requests_total{endpoint="search"}'))
-            result["requests_counted"] = got
-            if got >= expected:
-                break
-            time.sleep(2)
-        time.sleep(6)  # two more scrapes, so rate() windows hold more than one point
-        result["waited_s"] = round(args.wait_seconds - (deadline - time.monotonic()), 1)
-        up = prom_query(prom, 'up{job="ray"}')
-        result["scrape_targets"] = [{"instance": s["metric"].get("instance"), "up": s["value"][1]} for s in up]
-        buckets = {}
-        for s in prom_query(prom, "sum by (stage, le) (ray_karma_stage_latency_ms_bucket)"):
-            buckets.setdefault(s["metric"]["stage"], {})[s["metric"]["le"]] = float(s["value"][1])
-        result["stages_found"] = sorted(buckets)
-        result["buckets"] = {st: dict(sorted(b.items(), key=lambda kv: float(kv[0]))) for st, b in sorted(buckets.items())}
-        result["quantiles_ms"] = {}
-        for q in (0.5, 0.99):
-            for s in prom_query(prom, f"histogram_quantile({q}, sum by (le, stage) (ray_karma_stage_latency_ms_bucket))"):
-                result["quantiles_ms"].setdefault(s["metric"]["stage"], {})[f"p{int(q * 100)}"] = round(float(s["value"][1]), 2)
-        result["requests_total"] = {f"{s['metric'].get('endpoint')} {s['metric'].get('status')}": float(s["value"][1])
-                                    for s in prom_query(prom, "sum by (endpoint, status) (ray_karma_requests_total)")}
-        result["metric_labels"] = {}
-        for name in ("ray_serve_num_http_requests_total", "ray_serve_deployment_replica_healthy",
-                     "ray_serve_actual_batch_size_bucket", "ray_serve_num_http_error_requests_total",
-                     "ray_karma_requests_total"):
-            r = httpx.get(f"{prom}/api/v1/series", params={"match[]": name}, timeout=10).json().get("data", [])
-            result["metric_labels"][name] = sorted({k for m in r for k in m} - {"__name__"})
-        dq = {}
-        for name, expr in dashboard_queries(REPO / "deploy" / "grafana" / "karma-ray.json"):
-            try:
-                dq[name] = len(prom_query(prom, expr))
-            except Exception as e:  # noqa: BLE001
-                dq[name] = f"error: {e}"
-        result["dashboard_queries_series"] = dq
-        result["ok"] = set(STAGES) <= set(buckets)
+        with prometheus(info["metrics_port"], args.prometheus) as prom:
+            print(f"serve {info['url']}, Ray metrics {target}, Prometheus {prom}")
+            result.update(check(prom, info["url"], artifact, args))
     finally:
-        if prom_proc is not None:
-            prom_proc.terminate()
-            try:
-                prom_proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                prom_proc.kill()
         stop_local()
-        shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"stages with buckets: {result.get('stages_found')}; quantiles {result.get('quantiles_ms')}")
@@ -167,6 +70,72 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dashboard queries without data: {empty}")
     print(f"wrote {args.out}")
     return 0 if result.get("ok") else 1
+
+
+def check(prom: str, url: str, artifact: str, args) -> dict:
+    """Send requests, wait for Prometheus to see them, and read back buckets, quantiles and labels."""
+    import httpx
+
+    result: dict = {}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        codes: dict[str, int] = {}
+        for body in sample_requests(artifact, args.requests, seed=2):
+            code = c.post("/search", json=body).status_code
+            codes[str(code)] = codes.get(str(code), 0) + 1
+        for body in ({"query": "x", "k": 0}, {"history": ["a"]}, {}):
+            code = c.post("/search", json=body).status_code
+            codes[str(code)] = codes.get(str(code), 0) + 1
+        codes["explain_" + str(c.post("/explain", json={"query": "running shoes"}).status_code)] = 1
+    result["sent"] = codes
+
+    deadline = time.monotonic() + args.wait_seconds
+    found: set[str] = set()
+    while time.monotonic() < deadline:
+        try:
+            series = prom_query(prom, "sum by (stage) (ray_karma_stage_latency_ms_count)")
+            found = {s["metric"].get("stage") for s in series if float(s["value"][1]) > 0}
+            if set(STAGES) <= found:
+                break
+        except httpx.HTTPError:
+            pass  # Prometheus still starting
+        time.sleep(2)
+    expected = sum(v for k, v in codes.items() if not k.startswith("explain"))
+    while time.monotonic() < deadline:  # counters of the last requests arrive a report later
+        got = sum(float(s["value"][1]) for s in prom_query(prom, 'ray_karma_requests_total{endpoint="search"}'))
+        result["requests_counted"] = got
+        if got >= expected:
+            break
+        time.sleep(2)
+    time.sleep(6)  # two more scrapes, so rate() windows hold more than one point
+    result["waited_s"] = round(args.wait_seconds - (deadline - time.monotonic()), 1)
+    up = prom_query(prom, 'up{job="ray"}')
+    result["scrape_targets"] = [{"instance": s["metric"].get("instance"), "up": s["value"][1]} for s in up]
+    buckets = {}
+    for s in prom_query(prom, "sum by (stage, le) (ray_karma_stage_latency_ms_bucket)"):
+        buckets.setdefault(s["metric"]["stage"], {})[s["metric"]["le"]] = float(s["value"][1])
+    result["stages_found"] = sorted(buckets)
+    result["buckets"] = {st: dict(sorted(b.items(), key=lambda kv: float(kv[0]))) for st, b in sorted(buckets.items())}
+    result["quantiles_ms"] = {}
+    for q in (0.5, 0.99):
+        for s in prom_query(prom, f"histogram_quantile({q}, sum by (le, stage) (ray_karma_stage_latency_ms_bucket))"):
+            result["quantiles_ms"].setdefault(s["metric"]["stage"], {})[f"p{int(q * 100)}"] = round(float(s["value"][1]), 2)
+    result["requests_total"] = {f"{s['metric'].get('endpoint')} {s['metric'].get('status')}": float(s["value"][1])
+                                for s in prom_query(prom, "sum by (endpoint, status) (ray_karma_requests_total)")}
+    result["metric_labels"] = {}
+    for name in ("ray_serve_num_http_requests_total", "ray_serve_deployment_replica_healthy",
+                 "ray_serve_actual_batch_size_bucket", "ray_serve_num_http_error_requests_total",
+                 "ray_karma_requests_total"):
+        r = httpx.get(f"{prom}/api/v1/series", params={"match[]": name}, timeout=10).json().get("data", [])
+        result["metric_labels"][name] = sorted({k for m in r for k in m} - {"__name__"})
+    dq = {}
+    for name, expr in dashboard_queries(REPO / "deploy" / "grafana" / "karma-ray.json"):
+        try:
+            dq[name] = len(prom_query(prom, expr))
+        except Exception as e:  # noqa: BLE001
+            dq[name] = f"error: {e}"
+    result["dashboard_queries_series"] = dq
+    result["ok"] = set(STAGES) <= set(buckets)
+    return result
 
 
 if __name__ == "__main__":

@@ -57,20 +57,11 @@ def train_arms(args: argparse.Namespace, arms: list[str]) -> tuple[dict[str, Pat
     import ray
 
     from karma_ray.config import get_preset
+    from karma_ray.runtime import ensure_ray
     from karma_ray.train.run import run
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    for attempt in range(3):  # a busy shared machine can time out the node's start-up
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}})
-            break
-        except Exception as exc:  # noqa: BLE001 — Ray raises a bare Exception for this
-            logging.warning("ray.init failed (attempt %d/3): %s", attempt + 1, exc)
-            ray.shutdown()
-            if attempt == 2:
-                raise
-            time.sleep(10)
+    ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths, seconds = {}, {}
     try:

@@ -4,7 +4,7 @@
   python benchmarks/serve_autoscale.py --steps 1,6,20 --step-seconds 40 --cooldown-seconds 90
 
 Starts the YAML's app (its autoscaling_config per deployment) on free ports, drives POST /search
-with the open-loop generator of jobs/loadtest.py, samples RUNNING replicas of every deployment once
+with the open-loop generator of `karma_ray.serve.loadgen`, samples RUNNING replicas of every deployment once
 a second through `serve.status()`, keeps sampling through a cool-down so scale-down is visible, and
 writes benchmarks/results/serve_autoscale.{json,png}:
   {"deployments": {NAME: {"min_replicas_seen", "max_replicas_seen", "final_replicas"}}, "steps": [...], ...}
@@ -16,11 +16,10 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "jobs"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
 
-    import loadtest  # jobs/loadtest.py
-
-    from karma_ray.serve.app import APP_NAME
-    from karma_ray.serve.workload import sample_requests, start_local, stop_local
+    from karma_ray.serve import loadgen
+    from karma_ray.serve.harness import replica_counts, sample_requests, start_local, stop_local
 
     artifact = str(Path(args.artifact).resolve())
     steps = [float(x) for x in args.steps.split(",")]
@@ -46,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     info = start_local(args.config, artifact)
     print(f"serve up at {info['url']} in {time.time() - t0:.1f}s; load {steps} QPS × {args.step_seconds}s")
     try:
-        sampler = loadtest.serve_status_sampler(APP_NAME)
+        sampler = partial(replica_counts)
         before = sampler()
-        result = loadtest.run_load(info["url"], steps, args.step_seconds, requests, sampler=sampler,
+        result = loadgen.run_load(info["url"], steps, args.step_seconds, requests, sampler=sampler,
                                    sampler_name="serve.status()", timeout=args.timeout,
                                    cooldown_seconds=args.cooldown_seconds)
     finally:
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "serve_autoscale.json").write_text(json.dumps(out, indent=2) + "\n")
-    loadtest.plot(result, outdir / "serve_autoscale.png")
+    loadgen.plot(result, outdir / "serve_autoscale.png")
     for name, d in deployments.items():
         print(f"{name:16s} min {d['min_replicas_seen']}  max {d['max_replicas_seen']}  final {d['final_replicas']}")
     for s in result["steps"]:

@@ -6,9 +6,9 @@
 Both paths run the same code on the same requests with the same YAML knobs:
   * serve:     a private local Ray, serve_configs/search.yaml on a free port, httpx keep-alive client,
                one request at a time; latency = client wall time of POST /search.
-  * inprocess: `Deployment.func_or_class` of each stage (InterestEncoder, Recall, PreRank, Rank)
-               instantiated in this process and reconfigured with the YAML's user_config, driven by
-               the ingress's own `SearchPipeline`; latency = wall time of `pipeline.search(req)`.
+  * inprocess: `harness.inprocess_pipeline`: the stage classes (InterestEncoder, Recall, PreRank,
+               Rank) instantiated in this process and reconfigured with the YAML's user_config, driven
+               by the ingress's own `SearchPipeline`; latency = wall time of `pipeline.search(req)`.
 The two alternate in blocks (default 25 requests), so background load on a shared machine hits
 both alike. Writes benchmarks/results/serve_latency.{json,md}; the md breaks the Serve overhead
 down by hop from the per-stage timings both paths report.
@@ -26,58 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from karma_ray.serve.harness import inprocess_pipeline, sample_requests, start_local, stop_local, user_configs
+from karma_ray.serve.metrics import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 GOAL_P50, GOAL_P99 = 1.3, 2.0
-STAGES = ("encode", "recall", "prerank", "rank")
-
-
-class Local:
-    """`obj.method.remote(*a)` → awaitable, i.e. a DeploymentHandle stand-in that calls in-process."""
-
-    def __init__(self, obj, aliases: dict[str, str] | None = None):
-        self._obj, self._aliases = obj, aliases or {}
-
-    def __getattr__(self, name):
-        fn = getattr(self._obj, self._aliases.get(name, name))
-
-        class _Method:
-            @staticmethod
-            async def remote(*a, **kw):
-                out = fn(*a, **kw)
-                return await out if asyncio.iscoroutine(out) else out
-        return _Method
 
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
-
-
-def user_configs(cfg: dict) -> dict[str, dict]:
-    return {d["name"]: d.get("user_config") or {} for d in cfg["applications"][0].get("deployments", [])}
-
-
-def build_inprocess(artifact: str, cfg: dict):
-    from karma_ray.serve.catalog import Catalog
-    from karma_ray.serve.encoder import InterestEncoder
-    from karma_ray.serve.ingress import SearchPipeline
-    from karma_ray.serve.prerank import PreRank
-    from karma_ray.serve.rank import Rank
-    from karma_ray.serve.recall import Recall
-
-    uc = user_configs(cfg)
-    stages = {}
-    for name, dep in (("InterestEncoder", InterestEncoder), ("Recall", Recall), ("PreRank", PreRank), ("Rank", Rank)):
-        obj = dep.func_or_class(artifact)  # the deployment's own Python class
-        obj.reconfigure(uc.get(name, {}))
-        stages[name] = obj
-    # @serve.batch refuses to run outside a replica in Ray 2.60, so the in-process encoder runs the
-    # same forward through encode_direct (a batch of one, which is also what sequential load gives).
-    enc = Local(stages["InterestEncoder"], {"encode": "encode_direct"})
-    pipe = SearchPipeline(Catalog.load(artifact, with_emb=False), enc,
-                          Local(stages["Recall"]), Local(stages["PreRank"]), Local(stages["Rank"]))
-    return pipe, stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from karma_ray.serve.schemas import SearchRequest
-    from karma_ray.serve.workload import sample_requests, start_local, stop_local
 
     artifact = str(Path(args.artifact).resolve())
     env = dict(kv.split("=", 1) for kv in args.env)
@@ -114,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     info = start_local(args.config, artifact, env=env, overrides=overrides)
     print(f"serve up at {info['url']} in {time.time() - t0:.1f}s")
     cfg = info["config"]
-    pipe, stages = build_inprocess(artifact, cfg)
+    pipe, stages = inprocess_pipeline(artifact, cfg)
     loop = asyncio.new_event_loop()
     client = httpx.Client(base_url=info["url"], timeout=60)
     res = {"serve": [], "inprocess": []}
@@ -156,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from karma_ray.serve.app import APP_NAME
 
+        rankers = loop.run_until_complete(pipe.rankers(pipe.active))
         enc_info = serve.get_deployment_handle("InterestEncoder", APP_NAME).info.remote().result(timeout_s=30)
     finally:
         client.close()
@@ -169,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
               "requests": args.requests, "warmup": args.warmup, "k": args.k,
               "goal": {"ratio_p50": GOAL_P50, "ratio_p99": GOAL_P99},
               "stage_p50_ms": {name: {s: round(pct(v, 50), 3) for s, v in d.items()} for name, d in stage_ms.items()},
-              "artifact": artifact, "model_version": pipe.catalog.version, "env": env, "overrides": overrides,
+              "artifact": artifact, "model_version": pipe.catalogs.get(pipe.active).version, "env": env, "overrides": overrides,
               "encoder_user_config": user_configs(cfg).get("InterestEncoder", {}),
               "machine": {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
-              "rankers": stages["PreRank"].bundle is not None,
+              "rankers": rankers,
               "encoder_replica": enc_info,
               "http_floor_healthz": {"p50_ms": round(pct(floor, 50), 3), "p99_ms": round(pct(floor, 99), 3)}}
     result["met_goal"] = result["ratio_p50"] <= GOAL_P50 and result["ratio_p99"] <= GOAL_P99
@@ -206,7 +164,7 @@ p50s are not additive, so the parts only approximately add up to the {overhead:.
 |---|---|---|
 | HTTP edge (client → proxy actor → ingress replica, FastAPI parse/serialise, back) | {edge:.1f} | client p50 − ingress-measured pipeline p50 |
 | …of which the bare proxy → ingress round trip | {r['http_floor_healthz']['p50_ms']:.1f} | GET /healthz p50 (no stage calls) |
-| encoder hop without compute (router, gRPC, replica queue, `@serve.batch` queue, reply) | {enc_hop:.1f} | ingress-observed encode − replica-measured forward |
+| encoder hop without compute (router, gRPC, replica queue, micro-batch queue, thread hand-off, reply) | {enc_hop:.1f} | ingress-observed encode − replica-measured forward |
 | encoder forward slower inside the replica than in-process | {compute_gap:+.1f} | replica forward p50 − in-process encode p50 |
 | three sub-millisecond stage hops (recall, prerank, rank) | {light:.1f} | ingress-observed − in-process, summed |
 | ingress work between stages (history check, titles, response objects) | {glue:+.1f} | pipeline total − its stages, Serve vs in-process |
@@ -254,10 +212,8 @@ HTTP edge (client → proxy → ingress replica → back, outside the pipeline):
 (client p50 {r['serve']['p50_ms']:.2f} − ingress-measured pipeline p50 {s['total']:.2f}). For scale, GET /healthz
 (the same edge with no stage calls) took p50 {r['http_floor_healthz']['p50_ms']:.2f} ms, p99 {r['http_floor_healthz']['p99_ms']:.2f} ms in this run.
 
-The Serve encoder goes through `@serve.batch` (`batch_wait_timeout_s` =
-{r['encoder_user_config'].get('batch_wait_timeout_s', 'default')} s, so a lone request waits no longer than that for
-companions); the in-process path calls the same forward directly (`encode_direct`), since
-`@serve.batch` refuses to run outside a replica in Ray 2.60.
+Both paths run the encoder's own micro-batcher (the forward in a worker thread); sequential
+requests make batches of one in both.
 
 {budget_md}"""
 

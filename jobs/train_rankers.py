@@ -1,8 +1,11 @@
 """Train the pre-ranker and ranker of the search cascade on top of a KARMA artifact.
 
 Reads the artifact's encoder, item embeddings and FAISS index, embeds the impression prompts once,
-trains both rankers, reports pre-ranker HR@50 and ranker AUC/GAUC on the test split, and writes
-rankers.safetensors + rankers.json into the artifact (plus a "rankers" key in manifest.json).
+trains both rankers, reports pre-ranker HR@50 and ranker AUC/GAUC on the test split, and writes a
+NEW artifact version `<artifact>-rankers-<time>` beside it: the same files (hard-linked) plus
+rankers.safetensors + rankers.json and a manifest with its own run_name and a "rankers" key. The
+source version is never modified (a replica may be serving it); `latest` moves to the new version
+if it pointed at the source. Serve it with `python jobs/rollout.py --artifact <new version>`.
 
   python jobs/train_rankers.py                                  # artifacts/latest, its own data dir
   python jobs/train_rankers.py --artifact artifacts/demo-2026… --epochs 3 --no-progress
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = out["rankers"]
     print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("_train_loss")}, indent=2))
     print(summary_line(metrics))
-    print(f"rankers saved to {out['artifact']}/rankers.safetensors (+ rankers.json)")
+    print(f"new artifact version with rankers: {out['artifact']} (from {out['source']})")
     return 0
 
 

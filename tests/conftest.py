@@ -34,18 +34,12 @@ def tiny_cfg(tiny_data, tmp_path_factory):
     ])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_metrics_port() -> int:
     """The port where this session's Ray serves its Prometheus metrics (the real-scrape test reads it)."""
-    return _free_port()
+    from karma_ray.serve.harness import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="session")

@@ -1,98 +1,73 @@
-"""The light, model-free part of an artifact that every non-encoder stage needs.
+"""The light, model-free part of an artifact that the ingress, PreRank and Rank need.
 
-`Catalog` reads only manifest.json, items.parquet and item_emb.npy (and index.faiss on request),
-so Recall / PreRank / Rank / the ingress start fast and do not hold a copy of the language model.
-
-One row mapping is used everywhere in serving: a *row* is a position in items.parquet, which is
-also the row of item_emb.npy (see `karma_ray.artifact`). `PromptBuilder.rows_of` returns
-positions in the id-sorted catalogue instead; `Catalog.rows_of` translates ids to parquet rows, so
-the two only coincide when items.parquet is sorted by id.
+`Catalog` reads only manifest.json, items.parquet and (for the rankers) item_emb.npy, memory-mapped,
+so those replicas start fast and never hold the language model. Rows are the artifact's one
+convention (`karma_ray.data.catalog.ItemCatalog`: the position in the id-sorted catalogue, which is
+also the row of item_emb.npy).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from karma_ray.data.prompts import UnknownItemError
+from karma_ray.artifact.layout import MANIFEST, read_manifest, resolve, version
+from karma_ray.data.catalog import ItemCatalog
 
-
-SERVE_FILES = ("manifest.json", "items.parquet", "item_emb.npy", "index.faiss")
-
-
-def resolve_artifact(path: str | Path) -> Path:
-    """Follow `latest`; name what is missing. (Same check as karma_ray.artifact.layout.resolve.)"""
-    p = Path(path).expanduser().resolve()
-    if not p.exists():
-        raise FileNotFoundError(f"artifact {path} does not exist; run `python jobs/train.py` first "
-                                "or point KARMA_ARTIFACT / the YAML's args.artifact at one")
-    missing = [f for f in SERVE_FILES if not (p / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"artifact {p} is incomplete, missing: {', '.join(missing)}")
-    return p
+CATALOG_FILES = (MANIFEST, "items.parquet")
 
 
 @dataclass
 class Catalog:
     path: Path
     manifest: dict[str, Any]
-    item_ids: np.ndarray  # (N,) int64, items.parquet order
-    titles: list[str]  # items.parquet order
-    item_emb: np.ndarray  # (N, d) float32, row i <-> items.parquet row i
-    _sorted_ids: np.ndarray
-    _order: np.ndarray  # _sorted_ids[j] == item_ids[_order[j]]
+    items: ItemCatalog
+    item_emb: np.ndarray  # (N, d) float32, row i <-> catalogue row i; (N, 0) when not loaded
 
     @classmethod
     def load(cls, path: str | Path, with_emb: bool = True) -> "Catalog":
         """with_emb: memory-map item_emb.npy (replicas on one node share the pages)."""
-        p = resolve_artifact(path)
-        manifest = json.loads((p / "manifest.json").read_text())
-        items = pq.read_table(p / "items.parquet", columns=["item_id", "title"])
-        ids = items.column("item_id").to_numpy().astype(np.int64)
-        order = np.argsort(ids, kind="stable")
+        p = resolve(path, CATALOG_FILES + (("item_emb.npy",) if with_emb else ()))
+        items = ItemCatalog.read(p / "items.parquet", columns=["item_id", "title"])
         if with_emb:
             emb = np.load(p / "item_emb.npy", allow_pickle=False, mmap_mode="r")
-            if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != len(ids):
-                raise ValueError(f"{p}: item_emb.npy is {emb.dtype}{emb.shape}; expected float32 ({len(ids)}, d) "
+            if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != len(items):
+                raise ValueError(f"{p}: item_emb.npy is {emb.dtype}{emb.shape}; expected float32 ({len(items)}, d) "
                                  "matching items.parquet")
         else:
-            emb = np.zeros((len(ids), 0), np.float32)
-        return cls(p, manifest, ids, items.column("title").to_pylist(), emb, ids[order], order)
+            emb = np.zeros((len(items), 0), np.float32)
+        return cls(p, read_manifest(p), items, emb)
 
     @property
     def version(self) -> str:
-        return str(self.manifest.get("run_name", self.path.name))
+        return version(self.manifest, self.path)
 
     def __len__(self) -> int:
-        return len(self.item_ids)
+        return len(self.items)
 
-    def known(self, ids: Sequence[int]) -> np.ndarray:
-        a = np.asarray(ids, dtype=np.int64)
-        if len(a) == 0 or len(self._sorted_ids) == 0:
-            return np.zeros(len(a), bool)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, a), len(self._sorted_ids) - 1)
-        return self._sorted_ids[pos] == a
+    def check(self) -> None:
+        """Raise unless this catalogue can serve: items present, version known (a replica health check)."""
+        if len(self) == 0:
+            raise RuntimeError(f"artifact {self.path}: the item catalogue is empty")
+        if not self.version:
+            raise RuntimeError(f"artifact {self.path}: no version (manifest run_name)")
+        if self.item_emb.shape[1] and len(self.item_emb) != len(self):
+            raise RuntimeError(f"artifact {self.path}: item_emb has {len(self.item_emb)} rows for {len(self)} items")
 
     def split_known(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
         """(known ids in the given order, unknown ids in the given order)."""
-        mask = self.known(ids)
+        mask = self.items.known(ids)
         ids = [int(i) for i in ids]
         return [i for i, m in zip(ids, mask) if m], [i for i, m in zip(ids, mask) if not m]
 
     def rows_of(self, ids: Sequence[int]) -> np.ndarray:
-        """items.parquet / item_emb rows of the ids; raises UnknownItemError for any miss."""
-        a = np.asarray(ids, dtype=np.int64)
-        mask = self.known(a)
-        if not mask.all():
-            raise UnknownItemError(a[~mask])
-        return self._order[np.searchsorted(self._sorted_ids, a)].astype(np.int64)
+        """Catalogue / item_emb rows of the ids; raises UnknownItemError for any miss."""
+        return self.items.rows_of(ids)
 
     def title_of(self, ids: Sequence[int]) -> list[str]:
-        return [self.titles[r] for r in self.rows_of(ids)]
+        return [self.items.titles[r] for r in self.rows_of(ids)]
 
 
 RANKER_FILES = ("rankers.json", "rankers.safetensors")  # karma_ray.models.rankers META_FILE / WEIGHTS_FILE
@@ -103,7 +78,7 @@ def load_ranker_bundle(artifact: str | Path) -> tuple[Any, str]:
 
     A rankers module that exists but fails to load is an error, not a silent fallback.
     """
-    art = resolve_artifact(artifact)
+    art = resolve(artifact, CATALOG_FILES)
     if not any((art / f).exists() for f in RANKER_FILES):  # skip importing torch in replicas that won't use it
         return None, "no trained rankers in the artifact (run jobs/train_rankers.py); using the recall score h·e"
     try:

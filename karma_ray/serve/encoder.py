@@ -1,23 +1,116 @@
-"""InterestEncoder: (query, history ids) → h, batched with `@serve.batch`; and /explain decoding.
+"""InterestEncoder: (query, history ids) → h, micro-batched; and /explain decoding.
 
-Batching and thread knobs come from the deployment's `user_config` (set in the YAML):
-  max_batch_size, batch_wait_timeout_s, torch_threads, max_new_tokens, device ("auto"|"cpu"|"cuda").
+Batching: the forward runs in a worker thread, and every call that arrives meanwhile joins the next
+forward (up to `max_batch_size`), so batches form from load and never wait on a timer. Not Ray's
+`@serve.batch`: with the forward off the event loop (needed to refuse calls at once under
+overload), it forms the next batch eagerly as the first call arrives (measured: mean batch 1.01
+at 16 clients), whereas this one forms it when the forward ahead is done (mean batch > 2).
+
+Knobs come from the deployment's `user_config` (set in the YAML):
+  max_batch_size, torch_threads, max_new_tokens, device ("auto"|"cpu"|"cuda"),
+  explain_concurrency (decodes at once per replica; they run in a worker thread so that encode
+  batches keep flowing), max_pending (requests a replica holds, running batch included; past it
+  a call is refused at once, which the ingress answers with 503: load shedding that keeps the
+  served requests' wait at about max_pending forwards; 0 = no limit), artifacts (versions to hold,
+  see versions.py).
 The code defaults are neutral (batches of up to 8, 2 ms wait, torch's own thread count).
+Each loaded version runs a few warm-up forwards before the replica takes traffic.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from karma_ray.serve.pipeline import StageOverloaded
+from karma_ray.serve.versions import HeldVersions
+
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_BATCH_WAIT_S = 0.002
+WARMUP_PROMPTS = (("running shoes", []), ("", []), ("a longer warm-up query about a rain jacket", []))
+
+
+@dataclass
+class EncoderState:
+    model: Any  # KarmaModel
+    builder: Any  # PromptBuilder (its tokenizer decodes /explain)
+    version: str
+    decode_prefix: Any  # torch.LongTensor of "Next: ", where decoding from h starts
+
+
+def load_encoder_state(artifact: str) -> EncoderState:
+    """The model and the prompt builder only (a lean replica: no index, no item embeddings)."""
+    import torch
+
+    from karma_ray.artifact.reader import load_encoder
+
+    t0 = time.perf_counter()
+    enc = load_encoder(artifact)
+    enc.model.eval()
+    state = EncoderState(enc.model, enc.builder, enc.version, torch.tensor(enc.builder.decode_prefix, dtype=torch.long))
+    log.info("InterestEncoder loaded %s in %.1fs", enc.path, time.perf_counter() - t0)
+    return state
+
+
+def embed(state: EncoderState, queries: list[str], histories: list[list[int]], device) -> np.ndarray:
+    """(B, d) float32 unit vectors for one version's prompts, on the replica's device (one forward,
+    unlike `models.inference.embed_interests`, which loops over CPU mini-batches)."""
+    import torch
+
+    arr = state.builder.interest_batch(queries, histories)
+    width = int(arr["int_mask"].sum(1).max())
+    t = {k: torch.from_numpy(v).to(device) for k, v in arr.items()}
+    with torch.inference_mode():
+        h = state.model.encode_interest(t["int_ids"][:, :width], t["int_mask"][:, :width], t["int_pos"])
+    return h.float().cpu().numpy().astype(np.float32, copy=False)
+
+
+class MicroBatcher:
+    """`await submit(item)` → `fn([items])[i]`; one `fn` call at a time, in a worker thread, over
+    the calls that waited while the previous one ran (at most `max_batch_size`)."""
+
+    def __init__(self, fn, max_batch_size: int, on_batch=None):
+        self.fn, self.max_batch_size, self.on_batch = fn, max_batch_size, on_batch
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, item: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, fut))
+        if not self._running:
+            self._running = True
+            asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch = [(i, f) for i, f in self._waiting[: self.max_batch_size] if not f.done()]
+                self._waiting = self._waiting[self.max_batch_size:]
+                if not batch:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    results = await asyncio.to_thread(self.fn, [i for i, _ in batch])
+                except Exception as e:  # noqa: BLE001 — every caller of this batch gets the error
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                for (_, f), r in zip(batch, results):
+                    if not f.done():  # a caller that gave up (cancelled) is skipped
+                        f.set_result(r)
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), (time.perf_counter() - t0) * 1000)
+        finally:
+            self._running = False
 
 
 @serve.deployment  # resources, autoscaling and batching knobs come from the YAML
@@ -25,87 +118,116 @@ class InterestEncoder:
     def __init__(self, artifact: str):
         import torch
 
-        from karma_ray.artifact.reader import load_artifact
-
-        t0 = time.perf_counter()
-        art = load_artifact(artifact)
-        self.model, self.tok, self.builder = art.model, art.tokenizer, art.builder
-        self.version = art.version
         self.device = torch.device("cpu")
-        self._next_ids = torch.tensor(self.tok("Next: ", add_special_tokens=False).input_ids, dtype=torch.long)
         self.max_new_tokens = 24
         self.batch_sizes: list[int] = []  # recent batch sizes and forward times, for profiling (`info`)
         self.forward_ms: list[float] = []
-        self.reconfigure({})  # code defaults; Serve then calls reconfigure(user_config) from the YAML
-        log.info("InterestEncoder loaded %s in %.1fs on %s", art.path, time.perf_counter() - t0, self.device)
+        self.versions = HeldVersions(self._load, artifact)
+        self._explain_slots = asyncio.Semaphore(1)
+        self.pending = 0  # admitted encode calls not yet answered (waiting + running batch)
+        self.rejected = 0
+        self.batcher = MicroBatcher(self._embed_items, DEFAULT_MAX_BATCH_SIZE, self._record_batch)
+        self._configure({})  # code defaults; Serve then calls reconfigure(user_config) from the YAML
 
-    def reconfigure(self, cfg: dict[str, Any]) -> None:
-        """Serve calls this with the YAML's `user_config` on start and on every config update."""
+    def _load(self, artifact: str) -> EncoderState:
+        state = load_encoder_state(artifact)
+        state.model.to(self.device)
+        queries, histories = zip(*WARMUP_PROMPTS)
+        for _ in range(2):  # first forwards allocate and pick kernels: keep that off the first request
+            embed(state, list(queries), list(histories), self.device)
+        return state
+
+    async def reconfigure(self, cfg: dict[str, Any]) -> None:
+        """Serve calls this with the YAML's `user_config` on start and on every config update.
+        A version to load (a rollout) loads in a worker thread: this replica keeps serving meanwhile."""
+        self._configure(cfg)
+        await asyncio.to_thread(self.versions.hold, cfg.get("artifacts"))
+
+    def _configure(self, cfg: dict[str, Any]) -> None:
         import torch
 
         if cfg.get("torch_threads"):
             torch.set_num_threads(int(cfg["torch_threads"]))
-        self.max_batch_size = int(cfg.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
-        self.batch_wait_timeout_s = float(cfg.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S))
-        self._encode_batch.set_max_batch_size(self.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        self.max_batch_size = self.batcher.max_batch_size = int(cfg.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         self.max_new_tokens = int(cfg.get("max_new_tokens", self.max_new_tokens))
+        self._explain_slots = asyncio.Semaphore(int(cfg.get("explain_concurrency", 1)))
+        self.max_pending = int(cfg.get("max_pending", 0))
         device = str(cfg.get("device", "auto"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if torch.device(device) != self.device:
             self.device = torch.device(device)
-            self.model.to(self.device)
+            for _, state in self.versions.items():
+                state.model.to(self.device)
 
-    def _embed(self, queries: list[str], histories: list[list[int]]) -> np.ndarray:
+    def _embed_mixed(self, artifacts: list[str], queries: list[str], histories: list[list[int]]
+                     ) -> list[tuple[np.ndarray, str]]:
+        """One forward per version present in the batch (one in steady state, two during a rollout)."""
+        out: list[tuple[np.ndarray, str] | None] = [None] * len(queries)
+        for art in dict.fromkeys(artifacts):
+            rows = [i for i, a in enumerate(artifacts) if a == art]
+            state = self.versions.get(art)
+            h = embed(state, [queries[i] for i in rows], [histories[i] for i in rows], self.device)
+            for i, vec in zip(rows, h):
+                out[i] = (vec, state.version)
+        return out  # type: ignore[return-value]
+
+    def _embed_items(self, items: list[tuple[str, str, list[int]]]) -> list[tuple[np.ndarray, str]]:
+        artifacts, queries, histories = zip(*items)
+        return self._embed_mixed(list(artifacts), list(queries), [list(h) for h in histories])
+
+    def _record_batch(self, size: int, ms: float) -> None:
+        self.batch_sizes = (self.batch_sizes + [size])[-2000:]
+        self.forward_ms = (self.forward_ms + [ms])[-2000:]
+
+    async def encode(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
+        """((d,) float32 unit vector, version). History ids must be known (the ingress filters them).
+        Refused at once (StageOverloaded) when the replica already holds `max_pending` calls."""
+        if self.max_pending and self.pending >= self.max_pending:
+            self.rejected += 1
+            raise StageOverloaded(f"encoder replica holds {self.pending} requests (max_pending {self.max_pending})")
+        self.pending += 1
+        try:
+            return await self.batcher.submit((artifact, query or "", list(history)))
+        finally:
+            self.pending -= 1
+
+
+    async def explain(self, artifact: str, query: str, history: list[int]) -> tuple[str, str]:
+        """(text decoded from h, version). The decode runs in a worker thread, at most
+        `explain_concurrency` at once, so the replica's event loop keeps batching encodes meanwhile."""
+        h, version = await self.encode(artifact, query, history)
+        state = self.versions.get(artifact)
+        async with self._explain_slots:
+            text = await asyncio.to_thread(self._decode, state, h)
+        return text, version
+
+    def _decode(self, state: EncoderState, h: np.ndarray) -> str:
         import torch
 
-        arr = self.builder.interest_batch(queries, histories)
-        width = int(arr["int_mask"].sum(1).max())
-        t = {k: torch.from_numpy(v).to(self.device) for k, v in arr.items()}
         with torch.inference_mode():
-            h = self.model.encode_interest(t["int_ids"][:, :width], t["int_mask"][:, :width], t["int_pos"])
-        return h.float().cpu().numpy().astype(np.float32, copy=False)
+            ids = state.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), state.decode_prefix.to(self.device),
+                                            state.builder.eos_id, self.max_new_tokens)[0]
+        return state.builder.tok.decode(ids, skip_special_tokens=True).strip()
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _encode_batch(self, queries: list[str], histories: list[list[int]]) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        h = self._embed(list(queries), [list(x) for x in histories])
-        self.batch_sizes = (self.batch_sizes + [len(queries)])[-2000:]
-        self.forward_ms = (self.forward_ms + [(time.perf_counter() - t0) * 1000])[-2000:]
-        return list(h)
-
-    async def encode(self, query: str, history: list[int]) -> np.ndarray:
-        """(d,) float32 unit vector. History ids must be known (the ingress filters them)."""
-        return await self._encode_batch(query or "", list(history))
-
-    def encode_direct(self, query: str, history: list[int]) -> np.ndarray:
-        """The same computation without `@serve.batch` (which only runs inside a Serve replica in
-        Ray 2.60): for in-process use such as benchmarks/serve_latency.py."""
-        return self._embed([query or ""], [list(history)])[0]
-
-    async def explain(self, query: str, history: list[int]) -> str:
-        import torch
-
-        h = await self.encode(query, history)
-        ids = self.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), self._next_ids.to(self.device),
-                                       self.builder.eos_id, self.max_new_tokens)[0]
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        for key, state in self.versions.items():
+            if state.model is None or not state.version:
+                raise RuntimeError(f"encoder for {key} is not loaded or has no version")
 
     def info(self) -> dict[str, Any]:
         """Replica facts for profiling: recent batch sizes and tokenise+forward times (ms)."""
         import torch
 
         fw = np.asarray(self.forward_ms or [np.nan])
-        return {"version": self.version, "device": str(self.device), "pid": os.getpid(),
-                "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
+        return {"versions": {k: s.version for k, s in self.versions.items()}, "device": str(self.device),
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
                 "mean_batch_size": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
                 "forward_p50_ms": float(np.nanpercentile(fw, 50)), "forward_p99_ms": float(np.nanpercentile(fw, 99)),
-                "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+                "max_batch_size": self.max_batch_size,
+                "max_pending": self.max_pending, "pending": self.pending, "rejected": self.rejected}
 
-
-def app(args: dict[str, str] | None = None):
-    """`serve run karma_ray.serve.encoder:app artifact=DIR` — the encoder alone (for profiling)."""
-    from karma_ray.serve.app import default_artifact
-
-    return InterestEncoder.bind((args or {}).get("artifact") or default_artifact())
+    def reset_stats(self) -> None:
+        """Forget recorded batch sizes and forward times (a benchmark measures one phase at a time)."""
+        self.batch_sizes, self.forward_ms, self.rejected = [], [], 0

@@ -1,177 +1,87 @@
-"""SearchIngress: the FastAPI front door — POST /search, POST /explain, GET /healthz, OpenAPI at /docs.
-
-Request flow of /search (each arrow is a DeploymentHandle hop with a compact payload):
-  validate → drop unknown history ids → InterestEncoder.encode(query, history) → h (d floats)
-  → Recall.search(h, history) → ≤200 (ids, scores) → PreRank.score(h, ids, history) → ~50
-  → Rank.score(h, ids, history, k) → k (ids, scores) → titles from the catalogue → JSON.
+"""SearchIngress: the FastAPI front door — POST /search, POST /explain, GET /healthz, GET /readyz,
+OpenAPI at /docs (can be turned off). The request logic is `pipeline.SearchPipeline`; the gate in
+front of it (body cap, bearer token, rate limit) is `guard.Guard`.
 
 Errors are JSON, never stack traces:
-  422  validation (k out of range, wrong JSON types, oversized history/query, malformed JSON,
-       neither query nor history, or every history id unknown and no query);
-  503  overloaded (a stage's queue is full: `max_queued_requests`), a stage is unavailable, or a
-       stage did not answer within the ingress's `stage_timeout_s` (user_config);
+  401  missing/invalid bearer token (when auth is on);   404 docs turned off;
+  413  body over `max_body_bytes`;   429 over the per-client rate limit (Retry-After);
+  422  validation (k or an id out of range, unknown fields, wrong JSON types, oversized history or
+       query, malformed JSON, neither query nor history, every history id unknown and no query);
+  503  shed or unavailable, always with Retry-After. Refused at once, never queued: the ingress
+       already runs `max_ongoing_search` requests, an encoder replica already holds `max_pending`,
+       a stage's router queue is full (`max_queued_requests`), /explain is at its own limit. Also:
+       a stage unavailable, or a stage / the whole request over its time budget (`stage_timeout_s`,
+       `request_timeout_s`, which the YAML keeps below the proxy's own `request_timeout_s`, so
+       timeouts are JSON too);
   500  anything else, with a request id that is also in the replica log.
-Every answered /search and /explain request is counted in `karma_requests_total{status,endpoint}`.
-
-`SearchPipeline` holds the request logic without Serve, so benchmarks can run the very same code
-with the stage objects called in-process (see benchmarks/serve_latency.py).
+Every answered request is counted in `karma_requests_total{status,endpoint}`.
 """
 # No `from __future__ import annotations` here: FastAPI must see real annotation types on the
 # ingress methods (Serve re-wraps them, and string annotations then degrade to query params).
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from karma_ray.serve import guard
+from karma_ray.serve.catalog import Catalog
+from karma_ray.serve.metrics import get_metrics
+from karma_ray.serve.pipeline import RequestError, SearchPipeline, StageOverloaded, StageTimeout, replica_lost_errors
 from karma_ray.serve.schemas import (
-    CONTRACT_VERSION, MAX_HISTORY, MAX_K, ErrorResponse, ExplainRequest, ExplainResponse, HealthResponse, SearchItem,
-    SearchRequest, SearchResponse, StageCounts, StageLatency,
+    CONTRACT_VERSION, MAX_HISTORY, MAX_K, ErrorResponse, ExplainRequest, ExplainResponse, HealthResponse,
+    SearchRequest, SearchResponse,
 )
+from karma_ray.serve.versions import HeldVersions
 
 log = logging.getLogger("ray.serve")
+RETRY_AFTER = {"Retry-After": "1"}
+WARMUP_TIMEOUT_S = 120.0
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class StageTimeout(Exception):
-    """A stage did not answer within `stage_timeout_s` (e.g. it has no running replica): 503."""
-
-
-async def _await(x):
-    return await x
-
-
-def _overload_types() -> tuple[type, ...]:
+def overload_errors() -> tuple[type, ...]:
+    """Errors that mean "no capacity right now": answered 503 + Retry-After at once."""
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    out: list[type] = [BackPressureError, DeploymentUnavailableError]
-    try:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-
-        out += [ActorDiedError, ActorUnavailableError]
-    except ImportError:  # older Ray
-        pass
-    return tuple(out)
-
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0
-
-
-class SearchPipeline:
-    """The /search and /explain logic over four stage handles (DeploymentHandles or in-process shims).
-
-    A handle here is anything with `handle.method.remote(*args)` returning an awaitable.
-    """
-
-    def __init__(self, catalog, encoder, recall, prerank, rank, metrics=None, stage_timeout_s: float | None = None):
-        self.catalog = catalog
-        self.encoder, self.recall, self.prerank, self.rank = encoder, recall, prerank, rank
-        self.metrics = metrics
-        self.stage_timeout_s = stage_timeout_s  # None: wait as long as the HTTP request_timeout_s allows
-        self._rankers: bool | None = None
-
-    # ---- shared pieces -----------------------------------------------------------------------
-    def _history(self, req: SearchRequest) -> tuple[list[int], list[int]]:
-        """(known history, ignored ids); 422 if nothing usable is left."""
-        known, unknown = self.catalog.split_known(req.history)
-        ignored = list(dict.fromkeys(unknown))
-        if not known and not req.clean_query:
-            shown = ignored[:20]
-            raise RequestError(422, f"none of the history item ids are in the catalogue ({shown}"
-                                    f"{' …' if len(ignored) > 20 else ''}) and no query was given")
-        return known, ignored
-
-    async def _call(self, stage: str, call) -> Any:
-        if not self.stage_timeout_s:
-            return await call
-        try:
-            return await asyncio.wait_for(_await(call), self.stage_timeout_s)
-        except asyncio.TimeoutError:
-            raise StageTimeout(f"stage {stage} did not answer within {self.stage_timeout_s:g} s") from None
-
-    async def _timed(self, stage: str, lat: dict[str, float], make_call) -> Any:
-        """Await `make_call()` (a handle call) and record its wall time, submission included."""
-        t0 = time.perf_counter()
-        out = await self._call(stage, make_call())
-        lat[stage] = _ms(t0)
-        if self.metrics is not None:
-            self.metrics.observe_stage(stage, lat[stage])
-        return out
-
-    async def rankers(self) -> bool:
-        if self._rankers is None:
-            a, b = await asyncio.gather(self.prerank.has_rankers.remote(), self.rank.has_rankers.remote())
-            self._rankers = bool(a and b)
-        return self._rankers
-
-    # ---- endpoints ---------------------------------------------------------------------------
-    async def search(self, req: SearchRequest) -> SearchResponse:
-        t0 = time.perf_counter()
-        history, ignored = self._history(req)
-        lat: dict[str, float] = {}
-        query = req.clean_query
-        h = await self._timed("encode", lat, lambda: self.encoder.encode.remote(query, history))
-        h = np.asarray(h, dtype=np.float32)
-        ids, _ = await self._timed("recall", lat, lambda: self.recall.search.remote(h, history, req.k))
-        n_recall = len(ids)
-        ids, _ = await self._timed("prerank", lat, lambda: self.prerank.score.remote(h, ids, history, req.k))
-        n_prerank = len(ids)
-        ids, scores = await self._timed("rank", lat, lambda: self.rank.score.remote(h, ids, history, req.k))
-        titles = self.catalog.title_of(ids)
-        items = [SearchItem(item_id=int(i), title=t, score=float(s)) for i, t, s in zip(ids, titles, scores)]
-        rankers = await self.rankers()
-        lat["total"] = _ms(t0)
-        return SearchResponse(items=items, stages=StageCounts(recall=n_recall, prerank=n_prerank, rank=len(items)),
-                              latency_ms=StageLatency(**lat), model_version=self.catalog.version,
-                              ignored_history=ignored, rankers=rankers)
-
-    async def explain(self, req: ExplainRequest) -> ExplainResponse:
-        t0 = time.perf_counter()
-        history, ignored = self._history(req)
-        text = await self._call("explain", self.encoder.explain.remote(req.clean_query, history))
-        return ExplainResponse(text=str(text), model_version=self.catalog.version, ignored_history=ignored,
-                               latency_ms=_ms(t0))
-
-    async def health(self) -> HealthResponse:
-        try:
-            rankers = await asyncio.wait_for(self.rankers(), timeout=5.0)
-        except Exception:  # a stage that is still starting must not fail liveness
-            rankers = False
-        return HealthResponse(status="ok", model_version=self.catalog.version, artifact=str(self.catalog.path),
-                              n_items=len(self.catalog), rankers=rankers)
+    return (StageOverloaded, BackPressureError, DeploymentUnavailableError, *replica_lost_errors())
 
 
 # ---- HTTP layer ------------------------------------------------------------------------------
-DESCRIPTION = f"""KARMA personalised search on Ray Serve (contract v{CONTRACT_VERSION}, DESIGN §5).
+DESCRIPTION = f"""KARMA personalised search on Ray Serve (contract v{CONTRACT_VERSION}).
 
-* `k` is 1..{MAX_K} (default 20); `history` holds at most {MAX_HISTORY} item ids; `query` at most 512 characters.
+* `k` is 1..{MAX_K} (default 20); `history` holds at most {MAX_HISTORY} int64 item ids; `query` at most
+  512 characters; unknown fields are rejected.
 * Unknown history ids are dropped and listed in `ignored_history`; if no known history item and no
   query remain, the answer is 422.
-* Errors are JSON `{{"error": str, "detail": [...]?}}`: 422 validation, 503 overloaded/unavailable, 500 internal.
+* Errors are JSON `{{"error": str, "detail": [...]?}}`: 401 auth, 413 body too large, 422 validation,
+  429 rate limited, 503 overloaded/unavailable (with Retry-After), 500 internal.
+* When the deployment turns auth on, send `Authorization: Bearer <token>`.
 """
 app = FastAPI(title="karma-ray search", version=CONTRACT_VERSION, description=DESCRIPTION)
-_ERRORS = {422: {"model": ErrorResponse, "description": "Invalid request"},
-           500: {"model": ErrorResponse, "description": "Internal error"},
-           503: {"model": ErrorResponse, "description": "Overloaded or a stage is unavailable; retry later"}}
+app.add_middleware(guard.Guard)
+_ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
+    (401, "Missing or invalid bearer token"), (413, "Request body too large"), (422, "Invalid request"),
+    (429, "Rate limited; retry after Retry-After seconds"), (500, "Internal error"),
+    (503, "Overloaded or a stage is unavailable; retry after Retry-After seconds"))}
 
 
 def _field(loc: tuple | list) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) if parts else "body"
+
+
+def _count(status: int, request: Request) -> None:
+    try:
+        get_metrics().count(status, request.url.path.strip("/") or "root")
+    except Exception:  # noqa: BLE001 — outside a Serve replica (unit tests) there is nothing to count
+        pass
 
 
 @app.exception_handler(RequestValidationError)
@@ -183,33 +93,36 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             msg, loc = f"malformed JSON ({e.get('ctx', {}).get('error', msg)} at character {loc[-1]})", ["body"]
         errors.append({"loc": loc, "msg": msg, "type": typ})
     summary = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors[:5])
-    try:
-        from karma_ray.serve.metrics import get_metrics  # by name: the replica's one instance
-
-        get_metrics().count(422, request.url.path.strip("/") or "root")
-    except Exception:  # noqa: BLE001 — outside a Serve replica (unit tests) there is nothing to count
-        pass
+    _count(422, request)
     return JSONResponse({"error": f"invalid request: {summary}", "detail": errors}, status_code=422)
 
 
-async def respond(call, endpoint: str, metrics=None, overload: tuple[type, ...] = ()) -> Any:
-    """Await one endpoint's work and map every failure to a JSON error (never a stack trace)."""
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 / 405 / a body FastAPI cannot parse (400): the same JSON error shape as everything else."""
+    _count(exc.status_code, request)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def respond(call, endpoint: str, metrics=None, overload: tuple[type, ...] = (),
+                  timeout_s: float | None = None) -> Any:
+    """Await one endpoint's work (within `timeout_s`) and map every failure to a JSON error."""
     try:
-        out = await call
+        out = await (asyncio.wait_for(call, timeout_s) if timeout_s else call)
         status = 200
         if isinstance(out, BaseModel):  # serialise once with pydantic-core; FastAPI would re-validate
             out = Response(out.model_dump_json(), media_type="application/json")
     except RequestError as e:
-        status, out = e.status, JSONResponse({"error": e.message}, status_code=e.status)
-    except StageTimeout as e:
-        log.warning("%s: %s", endpoint, e)
-        status = 503
-        out = JSONResponse({"error": f"{e}; retry later"}, status_code=503, headers={"Retry-After": "1"})
+        status, out = e.status, JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+    except (StageTimeout, asyncio.TimeoutError) as e:
+        msg = str(e) or f"the request did not finish within {timeout_s:g} s"
+        log.warning("%s: %s", endpoint, msg)
+        status, out = 503, JSONResponse({"error": f"{msg}; retry later"}, status_code=503, headers=RETRY_AFTER)
     except overload as e:
         log.warning("%s overloaded: %s: %s", endpoint, type(e).__name__, e)
         status = 503
         out = JSONResponse({"error": f"service overloaded or a stage is unavailable ({type(e).__name__}); "
-                                     "retry later"}, status_code=503, headers={"Retry-After": "1"})
+                                     "retry later"}, status_code=503, headers=RETRY_AFTER)
     except Exception:  # noqa: BLE001 — the body must never carry a stack trace
         rid = uuid.uuid4().hex[:12]
         log.exception("%s failed (request id %s)", endpoint, rid)
@@ -221,28 +134,62 @@ async def respond(call, endpoint: str, metrics=None, overload: tuple[type, ...] 
     return out
 
 
+class ConcurrencyLimit:
+    """At most `limit` calls at once; beyond that a 503 at once (no queue): /explain's own limit."""
+
+    def __init__(self, limit: int, name: str):
+        self.limit, self.name, self.active = int(limit), name, 0
+
+    async def run(self, call):
+        if self.active >= self.limit:
+            call.close()  # never awaited
+            raise RequestError(503, f"{self.name} is at its concurrency limit ({self.limit}); retry later", RETRY_AFTER)
+        self.active += 1
+        try:
+            return await call
+        finally:
+            self.active -= 1
+
+
 @serve.deployment
 @serve.ingress(app)
 class SearchIngress:
     def __init__(self, encoder, recall, prerank, rank, artifact: str):
-        from karma_ray.serve.catalog import Catalog
-        from karma_ray.serve.metrics import get_metrics
-
         self.metrics = get_metrics()
         self._handles = {"encoder": encoder, "recall": recall, "prerank": prerank, "rank": rank}
-        self.pipeline = SearchPipeline(Catalog.load(artifact, with_emb=False), encoder, recall, prerank, rank,
-                                       self.metrics)
-        self._overload = _overload_types()
+        self.pipeline = SearchPipeline(HeldVersions(lambda a: Catalog.load(a, with_emb=False), artifact),
+                                       encoder, recall, prerank, rank, self.metrics, retry_on=replica_lost_errors())
+        self._overload = overload_errors()
+        self.request_timeout_s: float | None = None
+        self.explain_limit = ConcurrencyLimit(2, "/explain")
+        self.search_limit = ConcurrencyLimit(10**9, "/search")
+        self._warm: set[str] = set()
 
     async def reconfigure(self, cfg: dict[str, Any]) -> None:  # async: handle.options() wants the event loop
         """user_config:
-          stage_timeout_s   per-hop wait before answering 503 (unset: no per-hop limit);
-          handle_transport  "actor" (Ray actor calls, Serve's default) or "grpc" (Serve's
-                            inter-deployment gRPC, `_by_reference=False`; fewer copies per hop);
-          serialization     request/response serialisation for gRPC hops: "cloudpickle" | "pickle".
+          stage_timeout_s    per-stage time budget, retries included (unset: no per-stage limit);
+          request_timeout_s  whole-request budget; keep it below http_options.request_timeout_s;
+          stage_retries      retries of a stage call whose replica died (default 2);
+          explain_max_ongoing  /explain calls at once per ingress replica, beyond: 503 (default 2);
+          max_ongoing_search   /search calls at once per ingress replica, beyond: 503 at once, before
+                             any stage is touched (the cheapest refusal; 0 = no limit);
+          handle_transport   "actor" (Ray actor calls, Serve's default) or "grpc" (Serve's
+                             inter-deployment gRPC, `_by_reference=False`; fewer copies per hop);
+          serialization      request/response serialisation for gRPC hops: "cloudpickle" | "pickle";
+          artifact           the version new requests are pinned to (a rollout sets it; default: the
+                             app's args.artifact); the guard's keys (see guard.GuardConfig).
         """
-        t = cfg.get("stage_timeout_s")
-        self.pipeline.stage_timeout_s = float(t) if t else None
+        guard.configure(guard.GuardConfig.from_user_config(cfg))
+        p = self.pipeline
+        p.stage_timeout_s = float(cfg["stage_timeout_s"]) if cfg.get("stage_timeout_s") else None
+        p.stage_retries = int(cfg.get("stage_retries", 2))
+        self.request_timeout_s = float(cfg["request_timeout_s"]) if cfg.get("request_timeout_s") else None
+        self.explain_limit = ConcurrencyLimit(int(cfg.get("explain_max_ongoing", 2)), "/explain")
+        self.search_limit = ConcurrencyLimit(int(cfg.get("max_ongoing_search", 0)) or 10**9, "/search")
+        self._set_transport(cfg)
+        await self._switch(cfg.get("artifact") or p.catalogs.initial)
+
+    def _set_transport(self, cfg: dict[str, Any]) -> None:
         transport = cfg.get("handle_transport", "actor")
         if transport not in ("actor", "grpc"):
             raise ValueError(f"handle_transport must be 'actor' or 'grpc', not {transport!r}")
@@ -254,19 +201,51 @@ class SearchIngress:
         for name, handle in self._handles.items():
             setattr(self.pipeline, name, handle.options(**opts) if opts else handle)
 
+    async def _switch(self, artifact: str) -> None:
+        """Load the version's catalogue, send one request through every stage with it (warms the
+        handles, the routers and the stages), then pin new requests to it."""
+        from karma_ray.serve.versions import artifact_key
+
+        key = artifact_key(artifact)
+        self.pipeline.catalogs.get(key, reason="preload")
+        if key not in self._warm:
+            previous, self.pipeline.active = self.pipeline.active, key
+            try:
+                await asyncio.wait_for(self.pipeline.search(SearchRequest(query="warm up", k=1)), WARMUP_TIMEOUT_S)
+                self._warm.add(key)
+            except Exception as e:  # noqa: BLE001 — a slow stage must not keep the ingress down
+                log.warning("warm-up of %s through the stages failed: %s: %s", key, type(e).__name__, e)
+            finally:
+                self.pipeline.active = previous
+        self.pipeline.activate(key)
+        self.pipeline.catalogs.hold([key])
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        self.pipeline.catalogs.get(self.pipeline.active).check()
+
+    async def artifacts(self) -> dict[str, str]:
+        """{"initial": the app's build-time artifact, "active": the pinned one} (for rollout.py)."""
+        return {"initial": self.pipeline.catalogs.initial, "active": self.pipeline.active}
+
     async def _answer(self, endpoint: str, call) -> Any:
-        return await respond(call, endpoint, self.metrics, self._overload)
+        return await respond(call, endpoint, self.metrics, self._overload, self.request_timeout_s)
 
     @app.post("/search", response_model=SearchResponse, responses=_ERRORS,
               summary="Top-k items for a query and/or click history")
     async def search(self, req: SearchRequest):
-        return await self._answer("search", self.pipeline.search(req))
+        return await self._answer("search", self.search_limit.run(self.pipeline.search(req)))
 
     @app.post("/explain", response_model=ExplainResponse, responses=_ERRORS,
               summary="Text decoded from the interest embedding h (\"Next: …\")")
     async def explain(self, req: ExplainRequest):
-        return await self._answer("explain", self.pipeline.explain(req))
+        return await self._answer("explain", self.explain_limit.run(self.pipeline.explain(req)))
 
-    @app.get("/healthz", response_model=HealthResponse, summary="Liveness and artifact version")
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness and the pinned artifact version")
     async def healthz(self):
-        return await self.pipeline.health()
+        return self.pipeline.health()
+
+    @app.get("/readyz", summary="Readiness: every stage answers and holds the pinned version (503 if not)")
+    async def readyz(self):
+        body = await self.pipeline.readiness()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)

@@ -6,10 +6,16 @@ recall score is h·e_i (cosine; both are unit vectors). Payloads across the hop 
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 from ray import serve
+
+from karma_ray.artifact.layout import read_manifest, resolve, version
+from karma_ray.artifact.reader import load_index
+from karma_ray.serve.versions import HeldVersions
 
 DEFAULT_TOP_N = 200
 
@@ -35,42 +41,68 @@ def recall_topn(index, h: np.ndarray, exclude: Sequence[int], n: int) -> tuple[n
     return ids[keep][:n], scores[keep][:n].astype(np.float32)
 
 
+@dataclass
+class RecallState:
+    index: Any  # faiss.Index keyed by item id
+    version: str
+
+
+def load_recall_state(artifact: str) -> RecallState:
+    """The index alone (a lean replica: no model, no item table, no embeddings)."""
+    p = resolve(artifact, ("manifest.json", "index.faiss"))
+    return RecallState(load_index(p), version(read_manifest(p), p))
+
+
+def check_index(state: RecallState) -> None:
+    """Raise unless the index can answer: loaded, non-empty, version known."""
+    if state.index is None or int(state.index.ntotal) == 0:
+        raise RuntimeError(f"recall index of version {state.version!r} is missing or empty")
+    if not state.version:
+        raise RuntimeError("recall index has no version")
+
+
 # Methods are `async def` on purpose: the work is sub-millisecond, and Serve would run a sync method
 # in its thread pool (one more thread hand-off per call).
 @serve.deployment
 class Recall:
-    def __init__(self, artifact: str, top_n: int = DEFAULT_TOP_N):
-        import faiss
-
-        from karma_ray.serve.catalog import resolve_artifact
-
-        p = resolve_artifact(artifact)
-        self.index = faiss.read_index(str(p / "index.faiss"))
-        self.top_n = int(top_n)
-        self.reconfigure({})
+    def __init__(self, artifact: str):
+        self.top_n = DEFAULT_TOP_N
+        self.versions = HeldVersions(load_recall_state, artifact)
 
     def reconfigure(self, cfg: dict[str, Any]) -> None:
         import faiss
 
-        self.top_n = int(cfg.get("top_n", self.top_n))
+        self.top_n = int(cfg.get("top_n", DEFAULT_TOP_N))
         faiss.omp_set_num_threads(int(cfg.get("faiss_threads", 1)))
-        if "nprobe" in cfg or "ef_search" in cfg:  # IVF / HNSW search-time knobs
-            base = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
-            if hasattr(base, "nprobe") and "nprobe" in cfg:
-                base.nprobe = int(cfg["nprobe"])
-            if hasattr(base, "hnsw") and "ef_search" in cfg:
-                base.hnsw.efSearch = int(cfg["ef_search"])
+        self.versions.hold(cfg.get("artifacts"))
+        for _, state in self.versions.items():
+            set_search_knobs(state.index, cfg)
 
-    async def search(self, h: np.ndarray, exclude: list[int], at_least: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, h·e scores) of the top max(top_n, at_least) items not in `exclude`, best first."""
-        return recall_topn(self.index, h, exclude, max(self.top_n, int(at_least)))
+    async def search(self, artifact: str, h: np.ndarray, exclude: list[int], at_least: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, str]:
+        """(ids, h·e scores, version) of the top max(top_n, at_least) items not in `exclude`, best first."""
+        state = self.versions.get(artifact)
+        ids, scores = recall_topn(state.index, h, exclude, max(self.top_n, int(at_least)))
+        return ids, scores, state.version
 
-    async def ntotal(self) -> int:
-        return int(self.index.ntotal)
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        for _, state in self.versions.items():
+            check_index(state)
+
+    async def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "top_n": self.top_n,
+                "versions": {k: s.version for k, s in self.versions.items()},
+                "ntotal": {k: int(s.index.ntotal) for k, s in self.versions.items()}}
 
 
-def app(args: dict[str, str] | None = None):
-    """`serve run karma_ray.serve.recall:app artifact=DIR` — recall alone."""
-    from karma_ray.serve.app import default_artifact
+def set_search_knobs(index, cfg: dict[str, Any]) -> None:
+    """IVF `nprobe` / HNSW `ef_search` from the user_config, where the index has them."""
+    import faiss
 
-    return Recall.bind((args or {}).get("artifact") or default_artifact())
+    if "nprobe" in cfg or "ef_search" in cfg:
+        base = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+        if hasattr(base, "nprobe") and "nprobe" in cfg:
+            base.nprobe = int(cfg["nprobe"])
+        if hasattr(base, "hnsw") and "ef_search" in cfg:
+            base.hnsw.efSearch = int(cfg["ef_search"])

@@ -6,14 +6,18 @@ Request limits (violations are answered with 422 and a message naming the field)
     of the artifact's config are shown to the encoder, the rest are still excluded from results;
   * `query`: at most `MAX_QUERY_CHARS` (512) characters;
   * a request needs a non-blank `query` or a non-empty `history` (or both).
+  * ids (`user_id`, `history`) are 64-bit signed integers: anything outside [-2^63, 2^63 - 1] is a
+    422 (the catalogue's ids are int64; a larger id could never be known);
+  * unknown fields are a 422 (a misspelt `"histroy"` must not silently mean "no history").
 Integers are strict JSON integers: "5", 5.0 and true are rejected rather than coerced.
+The ingress also caps the request body (413) before any of this runs (see `guard.py`).
 
 Unknown history ids (not in the served catalogue) are dropped and listed in `ignored_history`;
 if that leaves neither a query nor any known history item, the request is answered with 422.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
@@ -22,16 +26,18 @@ DEFAULT_K = 20
 MAX_HISTORY = 200
 MAX_QUERY_CHARS = 512
 CONTRACT_VERSION = "1"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": 7, "query": "running shoes",
-                                                               "history": [12, 40, 7], "k": 10}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"user_id": 7, "query": "running shoes", "history": [12, 40, 7], "k": 10}]})
 
-    user_id: Optional[StrictInt] = Field(None, description="Caller's user id (logged, not used for scoring).")
+    user_id: Optional[Int64] = Field(None, description="Caller's user id (logged, not used for scoring).")
     query: Optional[StrictStr] = Field(None, max_length=MAX_QUERY_CHARS, description="Free-text query; may be empty.")
-    history: list[StrictInt] = Field(default_factory=list, max_length=MAX_HISTORY,
-                                     description=f"Earlier clicked item ids, oldest first (at most {MAX_HISTORY}).")
+    history: list[Int64] = Field(default_factory=list, max_length=MAX_HISTORY,
+                                 description=f"Earlier clicked item ids, oldest first (at most {MAX_HISTORY}).")
     k: StrictInt = Field(DEFAULT_K, ge=1, le=MAX_K, description=f"Number of results, 1..{MAX_K}.")
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,10 +33,11 @@ from tqdm.auto import tqdm
 from karma_ray.data.schema import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, read_table
 from karma_ray.eval.ctr import auc, gauc
 from karma_ray.eval.retrieval import exclude_and_cut
+from karma_ray.artifact.layout import point_latest, staged_dir
 from karma_ray.artifact.reader import Artifact, load_artifact
 from karma_ray.models.inference import embed_interests
-from karma_ray.models.rankers import (FeatureSpace, PreRanker, PreRankerConfig, Ranker, RankerConfig,
-                                      save_rankers)
+from karma_ray.models.rankers import (META_FILE, WEIGHTS_FILE, FeatureSpace, PreRanker, PreRankerConfig, Ranker,
+                                      RankerConfig, save_rankers)
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +303,9 @@ def _click_events(table: pa.Table) -> tuple[list[str], list[list[int]], np.ndarr
 
 def train_rankers(artifact_dir: str | Path, *, data_dir: str | Path | None = None, epochs: int = 5, seed: int = 0,
                   show_progress: bool = True, config: RankerTrainConfig | None = None) -> dict[str, Any]:
-    """Train, evaluate and save both rankers into `artifact_dir`; returns {"artifact", "rankers": metrics}."""
+    """Train and evaluate both rankers on `artifact_dir` and save them into a NEW artifact version
+    beside it (`<run>-rankers-<time>`): a version a replica may have loaded is never changed.
+    Returns {"artifact": the new version's dir, "source": artifact_dir, "rankers": metrics}."""
     cfg = config or RankerTrainConfig(epochs=epochs, seed=seed)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -341,21 +345,51 @@ def train_rankers(artifact_dir: str | Path, *, data_dir: str | Path | None = Non
         "epochs": cfg.epochs, "seed": cfg.seed, "recall_n": cfg.recall_n, "prerank_k": cfg.prerank_k,
         "data": str(data.resolve()),
     })
-    meta = {"artifact_version": art.version, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    name = f"{art.path.name}-rankers-{time.strftime('%Y%m%d-%H%M%S')}"
+    meta = {"artifact_version": name, "trained_on": art.version, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_config": asdict(cfg), "metrics": metrics}
-    save_rankers(art.path, prerank, rank, features, meta)
-    _add_to_manifest(art.path, metrics)
-    return {"artifact": str(art.path), "rankers": metrics}
+
+    def write(new_dir: Path) -> None:
+        save_rankers(new_dir, prerank, rank, features, meta)
+        _set_manifest(new_dir, name, art.version, metrics)
+
+    out = new_version(art.path, name, write, skip=(META_FILE, WEIGHTS_FILE, "manifest.json"))
+    latest = art.path.parent / "latest"
+    if latest.is_symlink() and latest.resolve() == art.path.resolve():
+        point_latest(art.path.parent, out)  # `latest` keeps meaning the newest version
+    return {"artifact": str(out), "source": str(art.path), "rankers": metrics}
 
 
-def _add_to_manifest(art_dir: Path, metrics: dict[str, Any]) -> None:
-    """Add/replace only the `rankers` key of manifest.json (atomic rewrite; other keys untouched)."""
+def new_version(src: Path, name: str, write: Callable[[Path], None], skip: tuple[str, ...] = ()) -> Path:
+    """A new artifact version `src.parent/name`: every file of `src` hard-linked (versions are never
+    modified, so sharing their bytes is safe; copied where links are impossible), except `skip`,
+    plus what `write(dir)` adds; staged and renamed into place (`artifact.layout.staged_dir`)."""
+    out = src.parent / name
+    with staged_dir(out) as tmp:
+        for f in sorted(src.rglob("*")):
+            rel = f.relative_to(src)
+            if f.is_dir() or str(rel) in skip:
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, tmp / rel)
+            except OSError:
+                shutil.copy2(f, tmp / rel)
+        shutil.copy2(src / "manifest.json", tmp / "manifest.json")  # a copy: it is rewritten below
+        write(tmp)
+    return out
+
+
+def _set_manifest(art_dir: Path, name: str, parent: str, metrics: dict[str, Any]) -> None:
+    """The new version's manifest: its own run_name, the version it derives from, the ranker metrics."""
     path = art_dir / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["rankers"] = {k: v for k, v in metrics.items() if not k.endswith("_train_loss")}
-    tmp = path.with_name(f".manifest.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    manifest.update(run_name=name, parent_version=parent,
+                    rankers={k: v for k, v in metrics.items() if not k.endswith("_train_loss")})
+    if "files" in manifest:
+        manifest["files"] = sorted(str(p.relative_to(art_dir)) for p in art_dir.rglob("*")
+                                   if p.is_file() and p.name != "manifest.json")
+    path.write_text(json.dumps(manifest, indent=2))
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

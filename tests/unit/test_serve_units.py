@@ -1,6 +1,7 @@
-"""Pure pieces of the search service: request schemas, recall exclusion, row mapping, error mapping.
+"""Pure pieces of the search service: request schemas and bounds, recall exclusion, row mapping,
+error mapping, version pinning, health checks and the HTTP guard (body cap, auth, rate limit, docs).
 
-No Ray cluster and no model: FAISS, numpy and pyarrow on toy data.
+No Ray cluster and no model: FAISS, numpy, pyarrow and FastAPI's test client on toy data.
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from karma_ray.data.prompts import UnknownItemError
+from karma_ray.data.catalog import UnknownItemError
 from karma_ray.serve.catalog import Catalog, stage_scores, top_by_score
-from karma_ray.serve.ingress import RequestError, SearchPipeline, respond
+from karma_ray.serve.harness import Local
+from karma_ray.serve.ingress import respond
+from karma_ray.serve.pipeline import RequestError, SearchPipeline
 from karma_ray.serve.recall import recall_topn
-from karma_ray.serve.schemas import MAX_HISTORY, MAX_K, SearchRequest
+from karma_ray.serve.schemas import INT64_MAX, INT64_MIN, MAX_HISTORY, MAX_K, SearchRequest
+from karma_ray.serve.versions import HeldVersions
 
 
 # ---- schemas ---------------------------------------------------------------------------------
@@ -27,6 +31,7 @@ def test_search_request_defaults_and_limits():
     assert r.k == 20 and r.history == [] and r.user_id is None
     SearchRequest.model_validate({"history": [1] * MAX_HISTORY, "k": MAX_K})
     SearchRequest.model_validate({"history": [3], "k": 1})
+    SearchRequest.model_validate({"history": [INT64_MIN, INT64_MAX]})
 
 
 @pytest.mark.parametrize("body, field", [
@@ -41,6 +46,11 @@ def test_search_request_defaults_and_limits():
     ({"history": 7}, "history"),
     ({"history": [1] * (MAX_HISTORY + 1)}, "history"),
     ({"query": "x", "user_id": "u1"}, "user_id"),
+    ({"history": [2**63]}, "history"),  # passes a plain int check, fails int64: was a 500 in numpy
+    ({"history": [1, INT64_MIN - 1]}, "history"),
+    ({"query": "x", "user_id": 2**64}, "user_id"),
+    ({"query": "x", "histroy": [1, 2]}, "histroy"),  # a misspelt field is an error, not "no history"
+    ({"query": "x", "extra": None}, "extra"),
 ])
 def test_search_request_rejects(body, field):
     with pytest.raises(ValidationError) as e:
@@ -84,11 +94,11 @@ def test_recall_caps_at_catalogue_size():
     assert len(recall_topn(_index(emb, np.array([1, 2, 3, 4])), emb[0], [], 0)[0]) == 0
 
 
-# ---- catalogue rows (items.parquet order, not id order) --------------------------------------
+# ---- catalogue rows (the artifact's one convention: position in the id-sorted catalogue) -----
 @pytest.fixture()
 def toy_artifact(tmp_path):
-    ids = np.array([30, 10, 20, 40], np.int64)  # deliberately not sorted
-    emb = np.eye(4, dtype=np.float32)[[2, 0, 1, 3]]  # row i of item_emb ↔ items.parquet row i
+    ids = np.array([10, 20, 30, 40], np.int64)  # artifacts store items id-sorted
+    emb = np.eye(4, dtype=np.float32)  # row i of item_emb ↔ catalogue row i
     pq.write_table(pa.table({"item_id": ids, "title": [f"t{i}" for i in ids], "category": ["c"] * 4,
                              "attributes": [""] * 4}), tmp_path / "items.parquet")
     np.save(tmp_path / "item_emb.npy", emb, allow_pickle=False)
@@ -97,10 +107,10 @@ def toy_artifact(tmp_path):
     return tmp_path
 
 
-def test_catalog_rows_follow_items_parquet(toy_artifact):
+def test_catalog_rows_are_id_sorted_positions(toy_artifact):
     cat = Catalog.load(toy_artifact)
     assert cat.version == "toy-run" and len(cat) == 4
-    assert cat.rows_of([30, 10, 40]).tolist() == [0, 1, 3]
+    assert cat.rows_of([30, 10, 40]).tolist() == [2, 0, 3]
     assert cat.title_of([20]) == ["t20"]
     np.testing.assert_array_equal(cat.item_emb[cat.rows_of([20])[0]], np.eye(4, dtype=np.float32)[1])
     assert cat.split_known([10, 5, 40, 5]) == ([10, 40], [5, 5])
@@ -137,60 +147,49 @@ def test_stage_scores_passes_consistent_rows_to_rankers(toy_artifact):
     h = np.ones(4, np.float32)
     s = stage_scores(b, "rank", cat, h, np.array([40, 10]), [20, 30])
     (hshape, emb, rows, hist), = b.calls
-    assert hshape == (1, 4) and rows.tolist() == [[3, 1]] and hist == [[2, 0]]
-    np.testing.assert_array_equal(emb[0], cat.item_emb[[3, 1]])
-    assert s.tolist() == [-3.0, -1.0]
+    assert hshape == (1, 4) and rows.tolist() == [[3, 0]] and hist == [[1, 2]]
+    np.testing.assert_array_equal(emb[0], cat.item_emb[[3, 0]])
+    assert s.tolist() == [-3.0, 0.0]
 
 
 # ---- the request pipeline with in-process stages ---------------------------------------------
-class _Local:
-    """handle.method.remote(*a) → awaitable, like a DeploymentHandle."""
-
-    def __init__(self, obj):
-        self._obj = obj
-
-    def __getattr__(self, name):
-        fn = getattr(self._obj, name)
-
-        class _M:
-            @staticmethod
-            async def remote(*a, **kw):
-                out = fn(*a, **kw)
-                return await out if asyncio.iscoroutine(out) else out
-        return _M
-
-
 class _Enc:
+    version = "toy-run"
+
     def __init__(self):
         self.seen = []
 
-    def encode(self, query, history):
+    def encode(self, artifact, query, history):
         self.seen.append((query, list(history)))
-        return np.array([0.1, 0.3, 1.0, 0.2], np.float32)
+        return np.array([0.1, 0.3, 1.0, 0.2], np.float32), self.version
 
-    def explain(self, query, history):
-        return "Next: something"
+    def explain(self, artifact, query, history):
+        return "Next: something", self.version
 
 
 class _Stage:
     def __init__(self, cat, idx):
         self.cat, self.idx = cat, idx
 
-    def search(self, h, exclude, at_least=0):
-        return recall_topn(self.idx, h, exclude, max(3, at_least))
+    def search(self, artifact, h, exclude, at_least=0):
+        return (*recall_topn(self.idx, h, exclude, max(3, at_least)), self.cat.version)
 
-    def score(self, h, ids, history, k):
-        return top_by_score(ids, stage_scores(None, "rank", self.cat, h, ids, history), k)
+    def score(self, artifact, h, ids, history, k):
+        return (*top_by_score(ids, stage_scores(None, "rank", self.cat, h, ids, history), k), self.cat.version)
 
-    def has_rankers(self):
+    def has_rankers(self, artifact):
         return False
+
+
+def _catalogs(path):
+    return HeldVersions(lambda a: Catalog.load(a, with_emb=False), str(path))
 
 
 def _pipeline(toy_artifact):
     cat = Catalog.load(toy_artifact)
-    stage = _Local(_Stage(cat, faiss.read_index(str(toy_artifact / "index.faiss"))))
+    stage = Local(_Stage(cat, faiss.read_index(str(toy_artifact / "index.faiss"))))
     enc = _Enc()
-    return SearchPipeline(cat, _Local(enc), stage, stage, stage), enc
+    return SearchPipeline(_catalogs(toy_artifact), Local(enc), stage, stage, stage), enc
 
 
 def test_pipeline_drops_unknown_history_and_reports_it(toy_artifact):
@@ -245,11 +244,11 @@ def test_respond_maps_failures_to_json_without_traceback():
 
 def test_silent_stage_becomes_503(toy_artifact):
     class _Slow(_Enc):
-        async def encode(self, query, history):
+        async def encode(self, artifact, query, history):
             await asyncio.sleep(5)
 
     pipe, _ = _pipeline(toy_artifact)
-    pipe.encoder = _Local(_Slow())
+    pipe.encoder = Local(_Slow())
     pipe.stage_timeout_s = 0.05
     r = asyncio.run(respond(pipe.search(SearchRequest(query="x")), "search", _Counter()))
     assert r.status_code == 503 and "stage encode did not answer" in json.loads(r.body)["error"]
