@@ -1,4 +1,4 @@
-"""Custom Serve metrics (DESIGN §5): `karma_stage_latency_ms{stage}` and `karma_requests_total{status}`.
+"""Custom Serve metrics (docs/design.md §5): `karma_stage_latency_ms{stage}` and `karma_requests_total{status}`.
 
 They are `ray.serve.metrics` objects, exported by Ray's metrics agent with a `ray_` prefix
 (`ray_karma_stage_latency_ms_bucket`, `ray_karma_requests_total`) and Serve's own `deployment`,

@@ -1,4 +1,4 @@
-"""HTTP request/response models for the search service (DESIGN §5, contract v1).
+"""HTTP request/response models for the search service (docs/design.md §5, contract v1).
 
 Request limits (violations are answered with 422 and a message naming the field):
   * `k`: integer in [1, 200], default 20;
