@@ -1,15 +1,14 @@
 """Ray Train step time vs a plain single-process torch loop: same model, same data, one run.
 
-  python benchmarks/train_throughput.py                 # demo preset (SmolLM2 cut to 4 layers)
+  python benchmarks/train_throughput.py                 # demo preset (full-depth SmolLM2, top 2 layers train)
   python benchmarks/train_throughput.py --preset tiny --steps 20
 
-Both sides build the model with the same seed and train on the same prepared parquet rows with the
-same batch size and torch threads. The plain loop tokenises its batches before timing (so it measures
-pure compute); the Ray side is measured as wall time per step between reports, so everything Ray adds
-(streamed tokenisation, DDP wrapper, report/bookkeeping) lands in the ratio. Warm-up steps are dropped;
-the default warm-up (10 steps) outlasts Ray Data's up-front tokenisation burst, so the ratio is the
-steady state. Ray Data may hand out rows in a different order than the plain loop reads them, so
-batches differ in length: the headline ratio is therefore token throughput (plain tokens/s over Ray
+Both sides build the model with the same seed, start from the same readout, and run the loop's own
+`train_step` on the same cached trunk states (`WorkerInputs.collate` builds both sides' batches) with
+the same batch size and torch threads. The plain loop collates its batches before timing (pure compute);
+the Ray side is wall time per step between reports, so everything Ray adds (the Ray Data stream, the DDP
+wrapper, reports) lands in the ratio. Warm-up steps are dropped. Ray Data may hand rows out in another
+order, so batches differ in length: the headline ratio is token throughput (plain tokens/s over Ray
 tokens/s); the raw step-time ratio is recorded beside it.
 Writes benchmarks/results/train_throughput.{json,md}.
 """
@@ -39,64 +38,50 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def plain_loop(cfg, steps: int, warmup: int) -> tuple[list[float], list[int]]:
+def plain_loop(cfg, cache, steps: int, warmup: int) -> tuple[list[float], list[int]]:
     """Single process, no Ray: the reference step times and tokens per step."""
-    import pyarrow.parquet as pq
     import torch
 
-    from karma_ray.data.prompts import PromptBuilder
     from karma_ray.models.karma import build_model
-    from karma_ray.train.loop import TRIM_GROUPS, lr_lambda, param_groups, trim_padding
+    from karma_ray.train.loop import TRIM_GROUPS, WorkerInputs, lr_lambda, param_groups, train_step
 
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed)
     model, tok = build_model(cfg.model, cfg.loss)
-    builder = PromptBuilder(tok, pq.read_table(Path(cfg.data.path) / "items.parquet"), cfg.data, cfg.model.image_dim)
-    if cfg.loss.logq_correction:  # the same inputs the Ray Data tokeniser builds
-        from karma_ray.data.pipeline import click_log_share
-
-        builder.item_logq = click_log_share(cfg.data.path, builder.item_ids)
-    events = pq.read_table(Path(cfg.data.path) / "train").to_pydict()
+    inputs = WorkerInputs(cfg, str(cache.root), tok)
+    model.init_readout(*inputs.readout_statistics(model))
     B = cfg.train.batch_size
-    batches = []
-    for i in range(steps + warmup):
-        rows = {k: events[k][i * B:(i + 1) * B] for k in ("query", "history", "target", "negatives")}
-        arrays = builder.training_batch(rows, cfg.loss.lambda_gen > 0, cfg.loss.lambda_rec > 0)
-        batches.append(trim_padding({k: torch.from_numpy(v) for k, v in arrays.items()}))
+    rows = cache.train_rows((steps + warmup) * B).to_pydict()
+    batches = [inputs.collate({k: v[i * B:(i + 1) * B] for k, v in rows.items()}, torch.device("cpu"))
+               for i in range(steps + warmup)]
     opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     times, tokens = [], []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        out = model(batch)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
+        train_step(model, model, batch, opt, sched, cfg, autocast)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(int(sum(batch[k].sum() for k in TRIM_GROUPS if k in batch)))  # as the Ray loop counts
     return times, tokens
 
 
-def ray_loop(cfg, steps: int, warmup: int, log_every: int) -> list[dict]:
+def ray_loop(cfg, cache, steps: int, warmup: int, log_every: int) -> list[dict]:
     """The real TorchTrainer path; per-report step time and tokens/s after warm-up."""
-    from karma_ray.runtime import ensure_ray
     from karma_ray.train.trainer import fit, run_name_for
 
-    ensure_ray(None)
     cfg = cfg.with_overrides([f"train.max_steps={steps + warmup}", f"train.log_every={log_every}",
                               f"train.checkpoint_every={steps + warmup}", "train.num_workers=1"])
-    _, reports = fit(cfg, run_name_for(cfg) + "-bench", show_progress=False)
+    _, reports = fit(cfg, run_name_for(cfg) + "-bench", show_progress=False, cache_root=str(cache.root))
     return [{"step_s": r["step_s"], "tokens_per_s": r["tokens_per_s"]} for r in reports if r["step"] > warmup]
 
 
-def measure(cfg, steps: int, warmup: int, log_every: int) -> dict:
+def measure(cfg, cache, steps: int, warmup: int, log_every: int) -> dict:
     """Plain loop then Ray Train on one config: step times, token throughput and both ratios."""
-    plain, plain_tokens = plain_loop(cfg, steps, warmup)
-    ray_reports = ray_loop(cfg, steps, warmup, log_every)
+    plain, plain_tokens = plain_loop(cfg, cache, steps, warmup)
+    ray_reports = ray_loop(cfg, cache, steps, warmup, log_every)
     p_med, r_med = statistics.median(plain), statistics.median(r["step_s"] for r in ray_reports)
     p_tps = sum(plain_tokens) / sum(plain)
     r_tps = statistics.median(r["tokens_per_s"] for r in ray_reports)
@@ -110,18 +95,22 @@ def measure(cfg, steps: int, warmup: int, log_every: int) -> dict:
 def main() -> int:
     args = parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from karma_ray.cache.build import ensure_cache
     from karma_ray.config import get_preset
-    from karma_ray.train.run import ensure_data
+    from karma_ray.data.prepare import ensure_prepared
+    from karma_ray.runtime import ensure_ray
 
     log_every = 5
     warmup = max(args.warmup, log_every)
-    cfg = get_preset(args.preset).with_overrides(args.overrides)
-    ensure_data(cfg)
+    cfg = get_preset(args.preset).with_overrides(args.overrides).with_absolute_paths()
+    ensure_prepared(cfg)
+    ensure_ray()
+    cache = ensure_cache(cfg)  # both sides train on the same cached trunk states
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [cfg.train.torch_threads]
-    runs = [measure(cfg.with_overrides([f"train.torch_threads={t}"]), args.steps, warmup, log_every) for t in threads]
+    runs = [measure(cfg.with_overrides([f"train.torch_threads={t}"]), cache, args.steps, warmup, log_every) for t in threads]
     head = runs[0]  # the headline: the first thread count (the preset's own by default)
     result = {
-        "preset": args.preset, "batch_size": cfg.train.batch_size, "num_layers": cfg.model.num_layers,
+        "preset": args.preset, "batch_size": cfg.train.batch_size, "trainable_layers": cfg.model.trainable_layers,
         "timed_steps": args.steps, "warmup_steps": warmup, **head, "goal": 1.15,
         "by_threads": {str(r["torch_threads"]): {k: r[k] for k in ("ratio", "ratio_step_time")} |
                        {"plain_tokens_per_s": r["plain"]["tokens_per_s"],
@@ -138,7 +127,7 @@ def main() -> int:
         "| torch threads | plain step (s) | plain tokens/s | Ray step (s) | Ray tokens/s | slowdown (tokens/s) | step-time ratio |\n"
         "|---|---|---|---|---|---|---|\n" + rows +
         f"\nGoal: slowdown ≤ 1.15. Ray side: TorchTrainer with 1 worker fed by streamed Ray Data; plain side: one "
-        f"process, batches tokenised before timing. Batch {cfg.train.batch_size}, {cfg.model.num_layers} layers, "
+        f"process, batches collated before timing. Batch {cfg.train.batch_size}, top {cfg.model.trainable_layers} layers trained, "
         f"{args.steps} timed steps after {warmup} warm-up, {os.cpu_count()} CPUs, 1-min load average at the end "
         f"{os.getloadavg()[0]:.1f}. Ray Data may order rows differently from the plain loop, so the headline compares "
         "token throughput; the raw step-time ratio is beside it.\n")

@@ -112,6 +112,7 @@ class TrainConfig:
     """Ray Train scaling, optimisation and checkpointing."""
 
     num_workers: int = 1
+    strategy: str = "ddp"  # ddp (replicate, reduce trainable gradients) | fsdp (FSDP2: shard every layer; >= 1B backbones)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 on small machines so Ray Data tasks can still schedule
     torch_threads: int = 0  # intra-op threads per worker (0 = what Ray/torch pick; Ray gives 1 to <1-CPU workers)
@@ -142,6 +143,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.strategy in ("ddp", "fsdp"), f"train.strategy must be ddp|fsdp, got {self.strategy!r}")
         _check(self.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)")
         _check(self.lr > 0 and self.head_lr > 0, "train.lr and train.head_lr must be > 0")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -316,7 +318,8 @@ def _ml100k() -> KarmaConfig:
         model=ModelConfig(backbone="smollm2-135m", trainable_layers=2, prefix_tokens=4),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
         train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=450, warmup_steps=20, log_every=25,
-                          checkpoint_every=150, lr=1e-4, precision="bf16", name="ml100k", probe_every=75),
+                          checkpoint_every=150, lr=1e-4, precision="bf16", name="ml100k", probe_every=75,
+                          valid_every=150),
         index=IndexConfig(kind="flat"),
     )
 

@@ -27,8 +27,8 @@ from karma_ray.data.schema import EVENTS_SCHEMA, read_table, validate_events
 from karma_ray.data.split import EVAL_SPLITS
 
 log = logging.getLogger(__name__)
-ROWS_PER_BLOCK = 64  # input blocks; the train partition keeps about this many rows per file, so a seeded
-# block order (trainer.train_dataset) really changes the order rows arrive in
+INPUT_BLOCKS_PER_ACTOR = 4  # few large input blocks: Ray Data starts a task per block to read its schema
+ROWS_PER_FILE = 64  # small output files, so a seeded block order (trainer.train_dataset) changes the row order
 
 
 @ray.remote(num_cpus=0)
@@ -60,14 +60,12 @@ class TrunkStates:
         from karma_ray.data.prompts import PromptBuilder
         from karma_ray.models.karma import build_model
 
-        if threads:
-            torch.set_num_threads(threads)
         cfg = KarmaConfig.from_dict(config)
         self.model, tok = build_model(cfg.model, cfg.loss)
         self.model.eval()
         self.builder = PromptBuilder(tok, ItemCatalog(load_items(data_dir, cfg.model.image_dim)), cfg.data,
                                      cfg.model.image_dim)
-        self.counter = counter
+        self.counter, self.threads = counter, threads
 
     @torch.no_grad()
     def _trunk(self, ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -76,6 +74,8 @@ class TrunkStates:
         return x, lengths.astype(np.int32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.threads:  # here, not in __init__: Ray Data calls the UDF from its own thread, and a thread
+            torch.set_num_threads(self.threads)  # starts at OMP_NUM_THREADS, which Ray sets to the actor's CPUs
         kinds = batch["kind"].to_numpy(zero_copy_only=False)
         parts = [self._rows(kind, batch.filter(pa.array(kinds == kind))) for kind in dict.fromkeys(kinds)]
         if self.counter is not None:
@@ -133,7 +133,8 @@ def _build(cfg: KarmaConfig, data_dir: Path, out: Path, progress: bool) -> float
 
     table = _inputs(cfg, data_dir)
     counter = RowCounter.remote()
-    ds = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)])
+    step = -(-table.num_rows // (INPUT_BLOCKS_PER_ACTOR * cfg.data.cache_actors))
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     ds = ds.map_batches(TrunkStates, batch_format="pyarrow", batch_size=32, num_cpus=1,
                         fn_constructor_kwargs={"config": cfg.to_dict(), "data_dir": str(data_dir.resolve()),
                                                "counter": counter, "threads": cfg.train.torch_threads},
@@ -143,7 +144,7 @@ def _build(cfg: KarmaConfig, data_dir: Path, out: Path, progress: bool) -> float
 
     def write() -> None:
         try:
-            ds.write_parquet(str(out), partition_cols=["kind"])
+            ds.write_parquet(str(out), partition_cols=["kind"], max_rows_per_file=ROWS_PER_FILE)
         except BaseException as e:  # re-raised in the driver thread below
             box["error"] = e
 

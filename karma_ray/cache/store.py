@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from karma_ray.data.catalog import ItemCatalog
 from karma_ray.data.prompts import IGNORE
 
 CACHE_FORMAT = 2
@@ -84,9 +85,12 @@ class ItemStates:
     rec_labels: torch.Tensor  # (N, Tr)
     image: torch.Tensor | None = None  # (N, image_dim) from the catalogue, for the [IMG] soft state
 
+    def __post_init__(self) -> None:
+        self.catalog = ItemCatalog.of_ids(self.ids)
+
     def rows(self, item_ids) -> torch.Tensor:
-        ids = np.asarray(item_ids, np.int64)
-        return torch.from_numpy(np.searchsorted(self.ids, ids))
+        """Catalogue rows of the ids (UnknownItemError for any id the cache does not hold)."""
+        return torch.from_numpy(self.catalog.rows_of(item_ids))
 
 
 class TrunkCache:

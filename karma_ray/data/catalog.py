@@ -51,6 +51,12 @@ class ItemCatalog:
             self.image = flat.reshape(len(ids), -1).astype(np.float32)
 
     @classmethod
+    def of_ids(cls, item_ids: Sequence[int]) -> "ItemCatalog":
+        """A catalogue of ids alone (no texts): for components that only map ids to rows."""
+        ids = np.asarray(item_ids, np.int64)
+        return cls(pa.table({"item_id": ids, "title": pa.nulls(len(ids), pa.string())}))
+
+    @classmethod
     def read(cls, path: str | Path, columns: Sequence[str] | None = None) -> "ItemCatalog":
         return cls(pq.read_table(path, columns=list(columns) if columns else None))
 
@@ -72,6 +78,12 @@ class ItemCatalog:
         if not ok.all():
             raise UnknownItemError(ids[~ok])
         return np.searchsorted(self.ids, ids).astype(np.int64)
+
+    def rows_or(self, item_ids: Sequence[int], missing: int = -1) -> np.ndarray:
+        """Rows of the ids, `missing` for ids outside the catalogue (for inputs that may hold unknown ids)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        ok = self.known(ids)
+        return np.where(ok, np.searchsorted(self.ids, ids), missing).astype(np.int64)
 
     def category_of(self, item_ids: Sequence[int]) -> list[str]:
         return [self.categories[r] for r in self.rows_of(item_ids)]

@@ -62,22 +62,22 @@ def exact_ranks(scores: np.ndarray, item_ids: np.ndarray, histories: Sequence[Se
     constant scorer cannot look good. Targets outside the catalogue get rank 0 (a miss).
     """
     scores = np.array(scores, dtype=np.float64, copy=True)
-    pos = np.minimum(np.searchsorted(item_ids, targets), len(item_ids) - 1)
-    known = item_ids[pos] == targets
+    catalog = item_ids if isinstance(item_ids, ItemCatalog) else ItemCatalog.of_ids(item_ids)
+    pos = catalog.rows_or(targets)
     ranks = np.zeros(len(targets), np.int64)
     for r, hist in enumerate(histories):
         if len(hist):
             h = np.asarray(hist, np.int64)
-            hp = np.minimum(np.searchsorted(item_ids, h), len(item_ids) - 1)
-            hp = hp[(item_ids[hp] == h) & (h != targets[r])]
-            scores[r, hp] = -np.inf
-        if known[r]:
+            hp = catalog.rows_or(h[h != targets[r]])
+            scores[r, hp[hp >= 0]] = -np.inf
+        if pos[r] >= 0:
             ranks[r] = int((scores[r] >= scores[r, pos[r]]).sum())  # the target plus every item tying or beating it
     return ranks
 
 
 def split_ranks(split: SplitEvents, item_ids: np.ndarray, score_rows, chunk: int = 512) -> np.ndarray:
     """Ranks for a split, scoring `chunk` events at a time: `score_rows(start, stop) -> (m, N)`."""
+    item_ids = item_ids if isinstance(item_ids, ItemCatalog) else ItemCatalog.of_ids(item_ids)
     out = [exact_ranks(score_rows(s, min(s + chunk, len(split.targets))), item_ids, split.histories[s : s + chunk],
                        split.targets[s : s + chunk]) for s in range(0, len(split.targets), chunk)]
     return np.concatenate(out) if out else np.zeros(0, np.int64)

@@ -68,7 +68,8 @@ class KarmaModel(nn.Module):
                 proj.weight.copy_(w)
                 proj.bias.zero_()
         self.prefix = nn.Sequential(nn.Linear(emb, d), nn.GELU(), nn.Linear(d, kp * d))  # P: h -> k soft states
-        self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1.0 / loss_cfg.init_temperature)))
+        # (1,)-shaped, not scalars: FSDP2 shards parameters along a dimension
+        self.log_inv_tau = nn.Parameter(torch.tensor([math.log(1.0 / loss_cfg.init_temperature)]))
         if model_cfg.image_dim:
             self.image_in = nn.Linear(model_cfg.image_dim, d)  # image_emb -> the [IMG] soft state
             self.image_head = nn.Sequential(nn.Linear(emb, d), nn.GELU(), nn.Linear(d, model_cfg.image_dim))
@@ -76,7 +77,7 @@ class KarmaModel(nn.Module):
             for name, p in lm.named_parameters():
                 p.requires_grad_(self._in_top(name))
         # Soft states (prefix, image) start at the scale of the residual stream where they enter.
-        self.soft_scale = nn.Parameter(torch.tensor(self._residual_rms()))
+        self.soft_scale = nn.Parameter(torch.tensor([self._residual_rms()]))
 
     # ---- structure ---------------------------------------------------------------------------
     @property
@@ -363,14 +364,18 @@ class KarmaModel(nn.Module):
         return [[t for t in row if t != eos_id] for row in out.tolist()]
 
     # ---- persistence (safetensors + JSON only: loading never unpickles) ----------------------
+    def trainable_names(self) -> list[str]:
+        """Every weight training can change: the heads, plus the top layers and final norm (or the whole LM
+        when it all trains). named_parameters lists tied weights once."""
+        return [n for n, p in self.named_parameters() if not n.startswith("lm.") or p.requires_grad or not self.frozen_trunk]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every weight training can change, by name: the heads, plus the top layers and final norm (or
-        the whole LM when it all trains). Checkpoints hold only this; named_parameters lists tied weights once."""
-        return {n: p.detach().contiguous().cpu() for n, p in self.named_parameters()
-                if not n.startswith("lm.") or p.requires_grad or not self.frozen_trunk}
+        """The `trainable_names` weights, by name: what checkpoints and the artifact hold."""
+        params = dict(self.named_parameters())
+        return {n: params[n].detach().contiguous().cpu() for n in self.trainable_names()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        wanted = set(self.trainable_state())
+        wanted = set(self.trainable_names())
         missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
         if missing or unexpected:
             raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from karma_ray.data.catalog import ItemCatalog
+
 FORMAT = "karma-rankers"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "rankers.safetensors"
@@ -59,8 +61,7 @@ class FeatureSpace:
     categories: list[str]
     decay: float = 0.8  # recency weight per step back in the history
     max_history: int = 50  # only the last max_history history items feed the features
-    _sorted_ids: np.ndarray = field(init=False, repr=False)
-    _sorted_rows: np.ndarray = field(init=False, repr=False)
+    _catalog: ItemCatalog = field(init=False, repr=False)
     _log_pop: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,8 +73,9 @@ class FeatureSpace:
             raise ValueError(f"feature arrays disagree: ids {n}, cat {self.item_cat.shape}, clicks {self.item_clicks.shape}")
         if n and (self.item_cat.min() < 0 or self.item_cat.max() >= len(self.categories)):
             raise ValueError("item_cat holds an index outside the category vocabulary")
-        self._sorted_rows = np.argsort(self.item_ids, kind="stable")
-        self._sorted_ids = self.item_ids[self._sorted_rows]
+        if n > 1 and not (np.diff(self.item_ids) > 0).all():
+            raise ValueError("FeatureSpace rows are catalogue rows: item_ids must be sorted and unique")
+        self._catalog = ItemCatalog.of_ids(self.item_ids)
         top = float(np.log1p(self.item_clicks.max())) if n else 0.0
         self._log_pop = (np.log1p(self.item_clicks) / top if top > 0 else np.zeros(n)).astype(np.float32)
 
@@ -106,12 +108,9 @@ class FeatureSpace:
         return len(USER_FEATURES)
 
     def rows_of(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Row of each item id in items.parquet order; -1 for ids outside the catalogue."""
+        """Catalogue row of each item id; -1 for ids outside the catalogue."""
         ids = np.asarray(item_ids, np.int64)
-        if not len(self._sorted_ids):
-            return np.full(ids.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        return np.where(self._sorted_ids[pos] == ids, self._sorted_rows[pos], -1)
+        return self._catalog.rows_or(ids.reshape(-1)).reshape(ids.shape)
 
     def history_rows_of(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
         """History item ids → rows, dropping ids the catalogue does not know."""

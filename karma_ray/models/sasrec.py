@@ -16,14 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from karma_ray.config import BaselinesConfig
+from karma_ray.data.catalog import ItemCatalog
 
 
 class SASRec(nn.Module):
     def __init__(self, catalog_ids: np.ndarray, cfg: BaselinesConfig):
         super().__init__()
         self.cfg = cfg
-        self.item_ids = np.asarray(catalog_ids, np.int64)  # sorted catalogue; embedding row r+1 <-> item_ids[r], 0 = pad
-        self.item = nn.Embedding(len(self.item_ids) + 1, cfg.sasrec_dim, padding_idx=0)
+        self.catalog = ItemCatalog.of_ids(catalog_ids)  # embedding row r+1 <-> catalogue row r, 0 = pad
+        self.item = nn.Embedding(len(self.catalog) + 1, cfg.sasrec_dim, padding_idx=0)
         self.pos = nn.Embedding(cfg.sasrec_max_len, cfg.sasrec_dim)
         self.norm = nn.LayerNorm(cfg.sasrec_dim, eps=1e-12)
         self.drop = nn.Dropout(cfg.sasrec_dropout)
@@ -45,11 +46,7 @@ class SASRec(nn.Module):
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
         """Item ids -> embedding rows (0 for ids outside the catalogue, i.e. padding)."""
-        ids = np.asarray(ids, np.int64)
-        if len(ids) == 0:
-            return np.zeros(0, np.int64)
-        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
-        return np.where(self.item_ids[pos] == ids, pos + 1, 0)
+        return self.catalog.rows_or(ids, missing=-1) + 1
 
     def encode(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B,) histories -> (B, dim) states at each history's last position (right-padded input)."""

@@ -146,8 +146,7 @@ class InterestEncoder:
     def _configure(self, cfg: dict[str, Any]) -> None:
         import torch
 
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(int(cfg["torch_threads"]))
+        self.torch_threads = int(cfg.get("torch_threads") or 0)  # applied in the worker threads that compute
         self.max_batch_size = self.batcher.max_batch_size = int(cfg.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         self.max_new_tokens = int(cfg.get("max_new_tokens", self.max_new_tokens))
         self._explain_slots = asyncio.Semaphore(int(cfg.get("explain_concurrency", 1)))
@@ -172,7 +171,16 @@ class InterestEncoder:
                 out[i] = (vec, state.version)
         return out  # type: ignore[return-value]
 
+    def _use_threads(self) -> None:
+        """torch's thread count is per OS thread (OpenMP): forwards and decodes run in worker threads,
+        which start at OMP_NUM_THREADS, so the configured count is set where they run."""
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
     def _embed_items(self, items: list[tuple[str, str, list[int]]]) -> list[tuple[np.ndarray, str]]:
+        self._use_threads()
         artifacts, queries, histories = zip(*items)
         return self._embed_mixed(list(artifacts), list(queries), [list(h) for h in histories])
 
@@ -205,6 +213,7 @@ class InterestEncoder:
     def _decode(self, state: EncoderState, h: np.ndarray) -> str:
         import torch
 
+        self._use_threads()
         with torch.inference_mode():
             ids = state.model.decode_from_h(torch.from_numpy(h[None]).to(self.device), state.decode_prefix.to(self.device),
                                             state.builder.eos_id, self.max_new_tokens)[0]

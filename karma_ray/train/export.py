@@ -47,16 +47,16 @@ class EmbedItems:
     def __init__(self, config: dict[str, Any], data_dir: str, weights: bytes, batch_size: int, threads: int = 0):
         from safetensors.torch import load as load_bytes
 
-        if threads:
-            torch.set_num_threads(threads)
         cfg = KarmaConfig.from_dict(config)
         self.model, tok = build_model(cfg.model, cfg.loss)
         self.model.load_trainable_state(load_bytes(weights), "the exported checkpoint")
         self.builder = PromptBuilder(tok, ItemCatalog(load_items(data_dir, cfg.model.image_dim)), cfg.data,
                                      cfg.model.image_dim)
-        self.batch_size = batch_size
+        self.batch_size, self.threads = batch_size, threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.threads:  # per call: Ray Data runs the UDF in its own thread (see cache.build.TrunkStates)
+            torch.set_num_threads(self.threads)
         emb = embed_items(self.model, self.builder, batch["item_id"], self.batch_size, show_progress=False)
         return {"item_id": batch["item_id"], "emb": emb}
 

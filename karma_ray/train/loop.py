@@ -143,23 +143,59 @@ class WorkerInputs:
         return trim_padding({k: v.to(device) for k, v in batch.items()})
 
 
-# ---- checkpoints ---------------------------------------------------------------------------
-def save_checkpoint(model: KarmaModel, opt, sched, state: dict[str, Any], out: Path) -> None:
+# ---- parallelism and checkpoints ----------------------------------------------------------
+def parallelize(model: KarmaModel, cfg: KarmaConfig, device):
+    """DDP through Ray Train (only trainable parameters are reduced), or FSDP2 for backbones too big to
+    replicate: every decoder layer and then the whole model are sharded over the workers (gloo on CPU,
+    NCCL on GPU); frozen and trainable parameters shard alike. Each worker keeps its own data shard."""
+    if cfg.train.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for layer in model.lm.get_decoder().layers:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    unused = cfg.loss.lambda_rec == 0 or (cfg.model.image_dim and cfg.loss.lambda_img == 0) or not cfg.model.image_dim
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)})
+
+
+def _full_states(model: KarmaModel, opt, cfg: KarmaConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable weights, optimiser state), whole: under FSDP every rank must take part in gathering them."""
+    if cfg.train.strategy != "fsdp":
+        return model.trainable_state(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full, optim = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    wanted = set(model.trainable_names())
+    return {k: v.contiguous() for k, v in full.items() if k in wanted}, optim
+
+
+def save_checkpoint(weights: dict[str, torch.Tensor], optim: dict[str, Any], sched, state: dict[str, Any], out: Path) -> None:
     """safetensors for weights and RNG state, torch.save only for the optimizer's tensors and numbers."""
-    save_file(model.trainable_state(), str(out / "model.safetensors"))
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, out / "optimizer.pt")
+    save_file(weights, str(out / "model.safetensors"))
+    torch.save({"opt": optim, "sched": sched.state_dict()}, out / "optimizer.pt")
     save_file({"torch_rng": torch.get_rng_state()}, str(out / "rng.safetensors"))
     (out / "train_state.json").write_text(json.dumps(state))
 
 
-def load_checkpoint(model: KarmaModel, opt, sched, ckpt_dir: Path) -> dict[str, Any]:
+def load_checkpoint(model: KarmaModel, ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Weights and RNG now (before the model is wrapped); (optimiser+schedule state, train state) for later."""
     model.load_trainable_state(load_file(str(ckpt_dir / "model.safetensors")), str(ckpt_dir))
-    state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)  # tensors and plain containers only
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
     if (ckpt_dir / "rng.safetensors").exists():
         torch.set_rng_state(load_file(str(ckpt_dir / "rng.safetensors"))["torch_rng"])
-    return json.loads((ckpt_dir / "train_state.json").read_text())
+    optim = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)  # tensors and plain containers only
+    return optim, json.loads((ckpt_dir / "train_state.json").read_text())
+
+
+def restore_optimizer(model: KarmaModel, opt, sched, optim: dict[str, Any], cfg: KarmaConfig) -> None:
+    if cfg.train.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, optim["opt"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(optim["opt"])
+    sched.load_state_dict(optim["sched"])
 
 
 # ---- collapse alarm ------------------------------------------------------------------------
@@ -204,6 +240,20 @@ def _collapse_reading(model: KarmaModel, probe: dict[str, torch.Tensor], base: d
 
 
 # ---- the loop ------------------------------------------------------------------------------
+def train_step(ddp_model, model: KarmaModel, batch: dict[str, torch.Tensor], opt, sched, cfg: KarmaConfig,
+               autocast) -> dict[str, torch.Tensor]:
+    """One optimiser step: forward (every loss) → backward → clip the trainable weights → step."""
+    with autocast:
+        out = ddp_model(batch)  # dict of scalar losses
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+    opt.step()
+    sched.step()
+    return out
+
+
+
 def _mean_across_workers(values: dict[str, float], device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
@@ -236,32 +286,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.train.torch_threads)  # Ray pins fractional-CPU workers to 1 thread
     device = ray.train.torch.get_device()
 
-    # 1. Model, inputs, optimiser, schedule.
+    # 1. Model and inputs.
     model, tok = build_model(cfg.model, cfg.loss)
     inputs = WorkerInputs(cfg, config.get("cache_root"), tok)
-    opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     # 2. Resume from the latest checkpoint (weights, optimiser, RNG, position in the data), or start
     #    from what the frozen model knows (identity readout centred on the data).
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, optim = ray.train.get_checkpoint(), None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(model, opt, sched, Path(d))
+            optim, state = load_checkpoint(model, Path(d))
     else:
         model.init_readout(*inputs.readout_statistics(model))
     model.to(device)
     step, resumed_from = int(state["step"]), int(state["step"]) if checkpoint else -1
     probe, probe_base, reading = None, state.get("probe_base"), {}  # collapse alarm (rank 0)
-    validate = bool(cfg.train.valid_every and rank == 0 and inputs.cache is not None)
+    fsdp = cfg.train.strategy == "fsdp"
+    validate = bool(cfg.train.valid_every and rank == 0 and inputs.cache is not None and not fsdp)
     if validate and not checkpoint:  # the curve starts at the frozen model's readout (rows seen = 0)
         reading["valid_hr@50_step0"] = inputs.valid_hr(model)
 
-    # 3. DDP (gloo on CPU, NCCL on GPU); only trainable parameters are reduced. A λ of 0 leaves heads unused.
-    unused = cfg.loss.lambda_rec == 0 or (cfg.model.image_dim and cfg.loss.lambda_img == 0) or not cfg.model.image_dim
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)})
+    # 3. Parallelism (DDP or FSDP2), then the optimiser over the parameters it left, and the schedule.
+    ddp_model = parallelize(model, cfg, device)
     reading.update(_parameter_counts(model, ddp_model))
+    opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    if optim is not None:
+        restore_optimizer(model, opt, sched, optim, cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
     tally = config.get("reject_tally")
@@ -282,21 +334,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wait_s += t_start - t_fetch
             batch = inputs.collate(raw, device)
             tokens += int(sum(batch[k].sum() for k in TRIM_GROUPS if k in batch))
-            if cfg.train.probe_every and rank == 0 and probe is None:
+            if cfg.train.probe_every and rank == 0 and probe is None and not fsdp:
                 probe = probe_batch(batch, cfg.train.probe_prompts)
                 if probe_base is None:  # before the first update: the frozen model's reading
                     probe_base = probe_collapse(model, probe)
             if step == 0:  # every loss before the first update (e.g. L_gen of the untouched LM)
                 with torch.no_grad(), autocast:
-                    reading.update({f"{k}_step0": float(v) for k, v in model(batch).items()})
+                    reading.update({f"{k}_step0": float(v) for k, v in ddp_model(batch).items()})
 
-            with autocast:
-                out = ddp_model(batch)  # dict of scalar losses
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
-            opt.step()
-            sched.step()
+            out = train_step(ddp_model, model, batch, opt, sched, cfg, autocast)
             step += 1
             n_steps += 1
             last = step >= cfg.train.max_steps
@@ -324,7 +370,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = {"step": step, "epoch": epoch, "batch_in_epoch": seen, "seed": cfg.train.seed}
                 if probe_base:
                     state["probe_base"] = probe_base
-                _report(metrics, model, opt, sched, state, rank,
+                _report(metrics, model, opt, sched, state, rank, cfg,
                         with_checkpoint=step % cfg.train.checkpoint_every == 0 or last)
                 sums, wait_s, busy_s, tokens, n_steps, t_last = {}, 0.0, 0.0, 0, 0, time.perf_counter()
             if last:
@@ -351,11 +397,15 @@ def _lr_of(opt, name: str) -> float:
 
 
 def _report(metrics: dict[str, Any], model: KarmaModel, opt, sched, state: dict[str, Any], rank: int,
-            with_checkpoint: bool) -> None:
+            cfg: KarmaConfig, with_checkpoint: bool) -> None:
     """Every rank reports the same number of times; only rank 0 attaches the checkpoint."""
-    if not (with_checkpoint and rank == 0):
+    if not with_checkpoint:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    weights, optim = _full_states(model, opt, cfg)  # collective under FSDP: every rank gathers
+    if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, opt, sched, state, Path(tmp))
+        save_checkpoint(weights, optim, sched, state, Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -267,3 +267,18 @@ def test_quality_library_runs_every_arm_and_pairs_karma_with_action_only(ray_clu
     karma = result["details"]["karma"]["0"]
     assert karma["learning_curve"][0]["rows_seen"] == 0 and len(karma["learning_curve"]) >= 2
     assert result["budget"]["l_gen_step0"] > 0 and result["details"]["frozen"]["0"]["readout"] in ("mean", "token")
+
+
+def test_fsdp_two_workers_shard_the_model_train_and_export(ray_cluster, tiny_cfg, tmp_path):
+    """train.strategy=fsdp (FSDP2 over gloo): two workers shard every layer, step, checkpoint the whole
+    trainable state, and the export loads it."""
+    from karma_ray.train.run import run_with_history
+
+    cfg = tiny_cfg.with_overrides(["train.strategy=fsdp", "train.num_workers=2", "train.max_steps=3",
+                                   "train.checkpoint_every=3", "train.log_every=1", "train.probe_every=0",
+                                   f"train.storage_path={tmp_path / 'runs'}", f"train.artifacts_dir={tmp_path / 'art'}"])
+    art, reports = run_with_history(cfg, run_name="fsdp", show_progress=False)
+    assert [r["step"] for r in reports] == [1, 2, 3] and all(r["world_size"] == 2 for r in reports)
+    assert all(math.isfinite(r["loss"]) for r in reports)
+    loaded = load_artifact(art)
+    assert loaded.item_emb.shape[0] == len(loaded.catalog)
