@@ -13,6 +13,7 @@ SECTIONS). The JSON keys outside checks read:
   replica_kill    {"requests", "failed_share"}
   rollout         {"requests", "failed", "mixed_versions"}
   serve_overhead  {"p50_ms_serve", "p50_ms_inprocess", "p50_ms_noop_chain", "mean_batch_size_16_clients"}
+  resume          {"loss_delta", "hr@10_delta"}  (train workers killed mid-run vs an unbroken run)
 plus "calibration" (capacity and the steady load every section uses) and "machine" (CPUs and
 load averages; each section also records its own before and after).
 """
@@ -252,9 +253,26 @@ def calibrate(bench: Bench) -> dict[str, Any]:
             "status_counts": probe["status_counts"]}
 
 
+def section_resume(bench: Bench) -> dict[str, Any]:
+    """Training faults: SIGKILL every train worker (2, DDP over gloo) after the first checkpoint of a tiny
+    run, and compare its end with the same seed's unbroken run (`karma_ray.train.faults.resume_drill`, the
+    code the test suite asserts on). Runs on the same local Ray as the service; the figure is the deltas."""
+    from karma_ray.config import get_preset
+    from karma_ray.data.prepare import ensure_prepared
+    from karma_ray.train.faults import resume_drill
+
+    with tempfile.TemporaryDirectory(prefix="karma-resume-") as tmp:
+        cfg = get_preset("tiny").with_overrides([
+            f"data.path={tmp}/data", f"train.artifacts_dir={tmp}/artifacts", "train.num_workers=2",
+            "train.max_steps=12", "train.log_every=2", "train.checkpoint_every=4", "train.max_failures=2",
+            "eval.max_events=60"])
+        ensure_prepared(cfg)
+        return resume_drill(cfg, Path(tmp) / "runs").summary()
+
+
 SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "fuzz": section_fuzz, "serve_overhead": section_serve_overhead, "overload": section_overload,
-    "replica_kill": section_replica_kill, "rollout": section_rollout,
+    "replica_kill": section_replica_kill, "rollout": section_rollout, "resume": section_resume,
 }
 
 
