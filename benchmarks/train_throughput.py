@@ -43,7 +43,7 @@ def plain_loop(cfg, cache, steps: int, warmup: int) -> tuple[list[float], list[i
     import torch
 
     from karma_ray.models.karma import build_model
-    from karma_ray.train.loop import TRIM_GROUPS, WorkerInputs, lr_lambda, param_groups, train_step
+    from karma_ray.train.loop import MASK_KEYS, WorkerInputs, lr_lambda, param_groups, train_step
 
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
@@ -64,7 +64,7 @@ def plain_loop(cfg, cache, steps: int, warmup: int) -> tuple[list[float], list[i
         train_step(model, model, batch, opt, sched, cfg, autocast)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-            tokens.append(int(sum(batch[k].sum() for k in TRIM_GROUPS if k in batch)))  # as the Ray loop counts
+            tokens.append(int(sum(batch[k].sum() for k in MASK_KEYS if k in batch)))  # as the Ray loop counts
     return times, tokens
 
 

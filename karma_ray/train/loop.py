@@ -30,18 +30,25 @@ from karma_ray.models.karma import KarmaModel, build_model
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "act", "gen", "rec", "img", "act_acc")
-# Which mask trims which group of padded arrays (token batches arrive padded to the config maxima).
-TRIM_GROUPS = {"int_mask": ("int_ids", "int_mask", "gen_labels", "int_states"), "pos_mask": ("pos_ids", "pos_mask"),
-               "neg_mask": ("neg_ids", "neg_mask"), "rec_mask": ("rec_ids", "rec_mask", "rec_labels")}
+# Which masks set the width of which padded arrays (token batches arrive padded to the config maxima).
+# Targets and hard negatives share one width: the item tower encodes them in one concatenated pass.
+TRIM_GROUPS = {("int_mask",): ("int_ids", "int_mask", "gen_labels", "int_states"),
+               ("pos_mask", "neg_mask"): ("pos_ids", "pos_mask", "neg_ids", "neg_mask"),
+               ("rec_mask",): ("rec_ids", "rec_mask", "rec_labels")}
+MASK_KEYS = tuple(m for group in TRIM_GROUPS for m in group)  # tokens counted per batch = their sum
 SHUFFLE_BATCHES = 16  # local shuffle buffer, in batches: a seed changes the order rows arrive in
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut the all-padding tail columns so compute follows the longest real row, not the config max."""
+    """Cut the all-padding tail columns so compute follows the longest real row, not the config max.
+
+    Cached item states (`pos_states`/`neg_states`) already come at the batch's item width, which is the
+    width the item masks are trimmed to here."""
     out = dict(batch)
-    for mask_key, keys in TRIM_GROUPS.items():
-        if mask_key in batch:
-            width = int(batch[mask_key].sum(-1).max())
+    for mask_keys, keys in TRIM_GROUPS.items():
+        present = [batch[m] for m in mask_keys if m in batch]
+        if present:
+            width = max(int(m.sum(-1).max()) for m in present)
             for k in keys:
                 if k in out:
                     out[k] = out[k][..., :width] if not k.endswith("_states") else out[k][:, :width]
@@ -333,7 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_start = time.perf_counter()
             wait_s += t_start - t_fetch
             batch = inputs.collate(raw, device)
-            tokens += int(sum(batch[k].sum() for k in TRIM_GROUPS if k in batch))
+            tokens += int(sum(batch[k].sum() for k in MASK_KEYS if k in batch))
             if cfg.train.probe_every and rank == 0 and probe is None and not fsdp:
                 probe = probe_batch(batch, cfg.train.probe_prompts)
                 if probe_base is None:  # before the first update: the frozen model's reading

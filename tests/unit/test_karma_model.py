@@ -262,3 +262,22 @@ def test_training_batch_carries_log_click_shares_of_the_targets_only(model_and_b
         builder.item_logq = None
     assert arrays["pos_logq"].shape == (3,) and "neg_logq" not in arrays
     assert np.allclose(arrays["pos_logq"], np.log(1 / 40))
+
+
+def test_trim_padding_gives_targets_and_negatives_one_width():
+    """The item tower encodes targets and hard negatives in one concatenated pass: a batch whose negatives
+    are longer than its targets must keep one common width (a cached ml100k run crashed on 19 vs 21)."""
+    import torch
+
+    from karma_ray.train.loop import trim_padding
+
+    B, N, W, d = 2, 3, 8, 4
+    pos_mask, neg_mask = torch.zeros(B, W, dtype=torch.bool), torch.zeros(B, N, W, dtype=torch.bool)
+    pos_mask[:, :3], neg_mask[:, :, :5] = True, True
+    int_mask = torch.zeros(B, W, dtype=torch.bool)
+    int_mask[:, :2] = True
+    out = trim_padding({"pos_mask": pos_mask, "neg_mask": neg_mask, "pos_states": torch.zeros(B, 5, d),
+                        "int_mask": int_mask, "int_states": torch.zeros(B, W, d)})
+    assert out["pos_mask"].shape == (B, 5) and out["neg_mask"].shape == (B, N, 5)
+    assert out["int_mask"].shape == (B, 2) and out["int_states"].shape == (B, 2, d)
+    assert torch.cat([out["pos_mask"], out["neg_mask"].reshape(B * N, -1)]).shape == (B + B * N, 5)
