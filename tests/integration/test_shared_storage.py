@@ -100,7 +100,7 @@ def s3_run(node2, s3_server, tiny_data):
 
     name, artifacts = "s3-run", f"{s3_server}/artifacts"
     argv = ["--preset", "tiny", "--data", str(tiny_data), "--storage-path", f"{s3_server}/runs",
-            "--artifacts-dir", artifacts, "--run-name", name, "--max-steps", "4", "--no-progress",
+            "--artifacts-dir", artifacts, "--run-name", name, "--max-steps", "2", "--no-progress",
             "--set", "data.image_dim=8", "--set", "model.image_dim=8", "--set", "train.checkpoint_every=2",
             "--set", f"train.worker_resources={json.dumps({NODE_RESOURCE: 0.01})}"]
     assert main(argv) == 0
