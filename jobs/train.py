@@ -4,6 +4,7 @@
   ray job submit --working-dir . -- python jobs/train.py --preset demo
   python jobs/train.py --preset ml100k --set train.max_steps=500 --set loss.lambda_rec=0
   python jobs/train.py --data DIR                   # your data, in the layout of karma_ray/data/prepare.py
+  python jobs/train.py --storage-path s3://B/runs --artifacts-dir s3://B/artifacts   # shared storage (multi-node)
 
 Progress goes to stderr: a live bar on a terminal; in a log (`ray job logs`, CI, a file) one line
 per `train.log_every` steps with the loss parts, tokens/s and an ETA (karma_ray.progress). With
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint with the config it was "
                                                    "started with (after its driver died); give the same --storage-path")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="prepare the preset's data under --data (if not there yet) and exit: cluster.yaml runs this on "
+                        "every node, so Ray Data tasks and export actors find the same data wherever they run")
     p.add_argument("--no-progress", action="store_true", help="no progress output at all (bars or log lines)")
     return p.parse_args(argv)
 
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if args.prepare_only:
+        from karma_ray.data.prepare import ensure_prepared
+
+        print(f"data: {ensure_prepared(cfg.with_absolute_paths())}")
         return 0
     from karma_ray.train.run import run
 

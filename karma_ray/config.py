@@ -115,6 +115,8 @@ class TrainConfig:
     strategy: str = "ddp"  # ddp (replicate, reduce trainable gradients) | fsdp (FSDP2: shard every layer; >= 1B backbones)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 on small machines so Ray Data tasks can still schedule
+    # Extra Ray resources per worker, to place workers on a node type, e.g. {"accelerator_type:A10G": 0.001}
+    worker_resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int = 0  # intra-op threads per worker (0 = what Ray/torch pick; Ray gives 1 to <1-CPU workers)
     batch_size: int = 8  # per worker
     lr: float = 1e-4
@@ -150,6 +152,10 @@ class TrainConfig:
         _check(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every/checkpoint_every must be >= 1")
         _check(self.precision in ("fp32", "bf16"), "train.precision must be fp32|bf16")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _check(isinstance(self.worker_resources, dict) and all(
+            isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and v > 0
+            for k, v in self.worker_resources.items()),
+            "train.worker_resources must map custom resource names (not CPU/GPU: see cpus_per_worker, use_gpu) to amounts > 0")
         _check(self.max_failures >= 0, "train.max_failures must be >= 0")
         _check(self.torch_threads >= 0, "train.torch_threads must be >= 0")
         _check(self.probe_every >= 0 and self.probe_prompts >= 1, "train.probe_every must be >= 0 and probe_prompts >= 1")

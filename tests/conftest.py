@@ -1,7 +1,10 @@
-"""Shared fixtures: one local Ray cluster per session, tiny prepared data, tiny model."""
+"""Shared fixtures: one local Ray cluster per session, tiny prepared data, tiny model, a loopback S3 server."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +45,63 @@ def ray_metrics_port() -> int:
     return free_port()
 
 
+S3_BUCKET = "karma-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(ray_metrics_port):
-    """One local Ray for the whole session (4 logical CPUs so Train + Data + Serve can co-schedule)."""
+def s3_env(tmp_path_factory):
+    """The standard AWS_* variables naming this session's S3-compatible server on loopback (`s3_server`
+    starts it on first use), set before the session's Ray starts: its workers and replicas read storage
+    settings from their own environment, as on a real node. KARMA_ARTIFACT_CACHE: the head's artifact copies."""
+    from karma_ray.serve.harness import free_port
+
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "karma-test",
+           "AWS_SECRET_ACCESS_KEY": "karma-test-secret", "AWS_REGION": "us-east-1",
+           "KARMA_ARTIFACT_CACHE": str(tmp_path_factory.mktemp("artifact-cache-head"))}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_env, tmp_path_factory):
+    """moto's S3 server (a real HTTP S3 endpoint, in memory) on the port `s3_env` names, with one bucket.
+    Yields "s3://<bucket>"; stopped by its pid at the end of the session."""
+    import boto3
+
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    port = s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name=s3_env["AWS_REGION"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # noqa: BLE001 — connection refused until the server listens
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto S3 server did not start; see {log}:\n{log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_metrics_port, s3_env):
+    """One local Ray for the whole session (4 logical CPUs so Train + Data + Serve can co-schedule).
+
+    It is a real head: `ray start --address <its GCS address>` joins another node to it (the two-node test)."""
     import ray
 
     from karma_ray.runtime import ensure_ray

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from karma_ray.artifact import storage
 from karma_ray.artifact.layout import MANIFEST, json_default, point_latest, staged_dir
 
 MANIFEST_VERSION = 2
@@ -30,12 +31,13 @@ def package_versions() -> dict[str, str]:
 
 
 def write_artifact(out_dir: str | Path, model, tokenizer, items: pa.Table, item_emb: np.ndarray,
-                   index: faiss.Index, manifest: dict[str, Any], publish: bool = True) -> Path:
-    """Write a new version directory `out_dir` (it must not exist) and, with `publish`, point `latest` at it.
+                   index: faiss.Index, manifest: dict[str, Any], publish: bool = True) -> str | Path:
+    """Write a new version `out_dir` (a directory or an s3:// prefix; it must not exist) and, with `publish`,
+    point `latest` at it once the version is complete. Returns `out_dir` (a Path when local).
 
     `items` and `item_emb` must share one row order: the id-sorted catalogue order.
     """
-    out_dir = Path(out_dir)
+    out_dir = out_dir if storage.is_remote(out_dir) else Path(out_dir)
     ids = items.column("item_id").to_numpy()
     if len(ids) != len(item_emb) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
         raise ValueError("items must be sorted by item_id, unique, and match item_emb row for row")
@@ -50,5 +52,5 @@ def write_artifact(out_dir: str | Path, model, tokenizer, items: pa.Table, item_
                     "emb_dim": int(item_emb.shape[1]), **manifest}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
     if publish:
-        point_latest(out_dir.parent, out_dir)
+        point_latest(storage.parent(out_dir), out_dir)
     return out_dir

@@ -10,7 +10,9 @@ The artifact is `args["artifact"]`, in which `${VAR}` and `${VAR:-default}` are 
 ships `${KARMA_ARTIFACT:-artifacts/latest}`); empty or absent means `$KARMA_ARTIFACT`, else
 `artifacts/latest`. A relative path is looked up from the current directory, then from the repo root.
 It is resolved to an absolute path here, once, so every replica loads the same artifact even if
-`latest` is repointed while the app runs.
+`latest` is repointed while the app runs. An `s3://bucket/prefix/latest` (or a version's URI) works
+the same way: `latest` is followed here, and each replica downloads that version once per node
+(`karma_ray.artifact.storage`; endpoint and credentials from the replicas' AWS_* environment).
 
 Resources, autoscaling, queue limits and batching knobs live only in serve_configs/*.yaml
 (`karma_ray.serve.harness.deploy_config` starts the same YAML from tests and benchmarks).
@@ -24,7 +26,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from karma_ray.artifact.layout import resolve
+from karma_ray.artifact import storage
+from karma_ray.artifact.layout import REQUIRED_FILES, locate
 from karma_ray.serve.encoder import InterestEncoder
 from karma_ray.serve.ingress import SearchIngress
 from karma_ray.serve.ranking import Ranker
@@ -41,11 +44,13 @@ def expand(value: str) -> str:
     return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
 
 
-def artifact_path(args: dict[str, Any] | None) -> Path:
-    """The artifact dir the args name (unchecked). A relative path is tried against the current
-    directory, then the repo root (Serve builds the app in a worker whose cwd need not be where
-    `serve run` was started)."""
+def artifact_path(args: dict[str, Any] | None) -> str | Path:
+    """The artifact the args name (unchecked): an s3:// URI as given, else a path. A relative path is
+    tried against the current directory, then the repo root (Serve builds the app in a worker whose cwd
+    need not be where `serve run` was started)."""
     given = expand(str((args or {}).get("artifact") or "")) or os.environ.get("KARMA_ARTIFACT") or "artifacts/latest"
+    if storage.is_remote(given):
+        return given
     raw = Path(given).expanduser()
     if not raw.is_absolute() and not raw.exists() and (REPO_ROOT / raw).exists():
         raw = REPO_ROOT / raw
@@ -53,8 +58,9 @@ def artifact_path(args: dict[str, Any] | None) -> Path:
 
 
 def artifact_from_args(args: dict[str, Any] | None) -> str:
-    """Absolute, complete artifact dir: fails here, with a clear message, before any replica starts."""
-    return str(resolve(artifact_path(args)))
+    """The complete artifact version (an absolute dir, or an s3:// URI with `latest` followed): fails here,
+    with a clear message, before any replica starts. Replicas fetch an s3:// version on their own node."""
+    return locate(artifact_path(args), REQUIRED_FILES)
 
 
 def stages(artifact: str) -> dict[str, Application]:

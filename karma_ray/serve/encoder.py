@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from karma_ray.serve.pipeline import StageOverloaded
@@ -231,7 +232,8 @@ class InterestEncoder:
 
         fw = np.asarray(self.forward_ms or [np.nan])
         return {"versions": {k: s.version for k, s in self.versions.items()}, "device": str(self.device),
-                "pid": os.getpid(), "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
                 "mean_batch_size": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
                 "forward_p50_ms": float(np.nanpercentile(fw, 50)), "forward_p99_ms": float(np.nanpercentile(fw, 99)),
                 "max_batch_size": self.max_batch_size,

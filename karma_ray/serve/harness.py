@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from karma_ray.artifact.layout import canonical
 from karma_ray.serve.app import APP_NAME, REPO_ROOT
 
 WORDS = ("running shoes", "rain jacket", "lipstick", "garden hose", "desk lamp", "wool socks", "ankle boot",
@@ -52,7 +53,7 @@ def load_config(path: str | Path = SEARCH_YAML, *, artifact: str | None = None, 
     cfg = copy.deepcopy(yaml.safe_load(Path(path).read_text()))
     app_cfg = cfg["applications"][0]
     if artifact is not None:
-        app_cfg.setdefault("args", {})["artifact"] = str(Path(artifact).resolve())
+        app_cfg.setdefault("args", {})["artifact"] = canonical(artifact)
     if http_port is not None:
         cfg.setdefault("http_options", {})["port"] = int(http_port)
     for name, fields in (overrides or {}).items():

@@ -175,7 +175,7 @@ class SearchPipeline:
     def health(self) -> HealthResponse:
         """Liveness: this replica's pinned version, no stage calls."""
         catalog = self.catalogs.get(self.active)
-        return HealthResponse(status="ok", model_version=catalog.version, artifact=str(catalog.path),
+        return HealthResponse(status="ok", model_version=catalog.version, artifact=self.active,  # path or s3:// URI
                               n_items=len(catalog), rankers=self._rankers.get(self.active, False))
 
     async def readiness(self, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -128,9 +128,9 @@ def roll(new: str, *, cfg: dict[str, Any], deploy: Callable[[dict[str, Any]], No
          confirm: Callable[[str, str], None] | None = wait_until_held) -> dict[str, Any]:
     """Deploy the three phases in order; `deploy(cfg)` must return once the app is RUNNING again,
     and `confirm(new, app)` once every stage replica holds the new version (after phase 1)."""
-    from karma_ray.artifact.layout import resolve
+    from karma_ray.artifact.layout import REQUIRED_FILES, locate
 
-    new = artifact_key(resolve(new))  # fails before anything is touched if it is incomplete
+    new = artifact_key(locate(new, REQUIRED_FILES))  # fails before anything is touched if it is incomplete
     old = pinned_artifact(cfg, app)
     timings = {}
     for i, (name, phase_cfg) in enumerate(phases(cfg, new, app)):

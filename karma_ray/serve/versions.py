@@ -13,13 +13,16 @@ import threading
 from pathlib import Path
 from typing import Callable, Generic, Sequence, TypeVar
 
+from karma_ray.artifact.layout import canonical
+
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 
 def artifact_key(artifact: str | Path) -> str:
-    """The one spelling of an artifact in stage calls: its resolved absolute path (`latest` followed)."""
-    return str(Path(artifact).expanduser().resolve())
+    """The one spelling of an artifact in stage calls: its resolved absolute path (`latest` followed), or
+    its s3:// URI (the app and rollout pass versions that `layout.locate` already followed)."""
+    return canonical(artifact)
 
 
 class HeldVersions(Generic[T]):

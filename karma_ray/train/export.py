@@ -11,6 +11,7 @@ import ray
 import torch
 from safetensors.torch import load as load_bytes
 
+from karma_ray.artifact import storage
 from karma_ray.artifact.faiss_index import build_faiss
 from karma_ray.artifact.writer import write_artifact
 from karma_ray.config import KarmaConfig
@@ -83,8 +84,10 @@ def embed_catalog(cfg: KarmaConfig, weights: bytes, catalog: ItemCatalog, actors
 
 
 def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str, train_metrics: dict[str, Any],
-                    show_progress: bool = True, cache=None) -> Path:
-    """Checkpoint → artifacts/<run>/ with encoder, heads, item embeddings, FAISS index and manifest."""
+                    show_progress: bool = True, cache=None, checkpoint_uri: str | None = None) -> str | Path:
+    """Checkpoint → <train.artifacts_dir>/<run>/ (a directory, or an s3:// prefix) with encoder, heads, item
+    embeddings, FAISS index and manifest; `checkpoint_uri` is where the checkpoint lives when
+    `checkpoint_dir` is a local copy of it."""
     weights = (Path(checkpoint_dir) / "model.safetensors").read_bytes()
     model, tok = build_model(cfg.model, cfg.loss)
     model.load_trainable_state(load_bytes(weights), str(checkpoint_dir))
@@ -97,10 +100,11 @@ def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str,
     metrics = dict(train_metrics) | quick_metrics(model, builder, index, data_dir, cfg, cache)
     meta_path = data_dir / "meta.json"
     data_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    out = Path(cfg.train.artifacts_dir).resolve() / run_name
+    out = storage.join(cfg.train.artifacts_dir if storage.is_remote(cfg.train.artifacts_dir)
+                       else Path(cfg.train.artifacts_dir).resolve(), run_name)
     return write_artifact(out, model, tok, catalog.table, item_emb, index, {
         "run_name": run_name, "config": cfg.to_dict(), "metrics": metrics,
         "data": {"path": str(data_dir.resolve()), "dataset": data_meta.get("dataset"),
                  "data_hash": data_meta.get("data_hash"), "counts": data_meta.get("counts")},
-        "checkpoint": str(checkpoint_dir),
+        "checkpoint": checkpoint_uri or str(checkpoint_dir),
     })

@@ -413,6 +413,7 @@ def _report(metrics: dict[str, Any], model: KarmaModel, opt, sched, state: dict[
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    state = {**state, "node_id": ray.get_runtime_context().get_node_id()}  # where rank 0 ran (multi-node runs)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(weights, optim, sched, state, Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

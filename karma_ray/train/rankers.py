@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from karma_ray.data.schema import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, read_table
 from karma_ray.eval.ctr import auc, gauc
 from karma_ray.eval.retrieval import exclude_and_cut
-from karma_ray.artifact.layout import point_latest, staged_dir
+from karma_ray.artifact import storage
+from karma_ray.artifact.layout import LATEST, locate, point_latest, staged_dir
 from karma_ray.artifact.reader import Artifact, load_artifact
 from karma_ray.models.inference import embed_interests
 from karma_ray.models.rankers import (META_FILE, WEIGHTS_FILE, FeatureSpace, PreRanker, PreRankerConfig, Ranker,
@@ -345,7 +346,8 @@ def train_rankers(artifact_dir: str | Path, *, data_dir: str | Path | None = Non
         "epochs": cfg.epochs, "seed": cfg.seed, "recall_n": cfg.recall_n, "prerank_k": cfg.prerank_k,
         "data": str(data.resolve()),
     })
-    name = f"{art.path.name}-rankers-{time.strftime('%Y%m%d-%H%M%S')}"
+    source = locate(artifact_dir)  # the version's own location (an S3 version is read from a local copy)
+    name = f"{storage.name(source)}-rankers-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"artifact_version": name, "trained_on": art.version, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_config": asdict(cfg), "metrics": metrics}
 
@@ -353,18 +355,21 @@ def train_rankers(artifact_dir: str | Path, *, data_dir: str | Path | None = Non
         save_rankers(new_dir, prerank, rank, features, meta)
         _set_manifest(new_dir, name, art.version, metrics)
 
-    out = new_version(art.path, name, write, skip=(META_FILE, WEIGHTS_FILE, "manifest.json"))
-    latest = art.path.parent / "latest"
-    if latest.is_symlink() and latest.resolve() == art.path.resolve():
-        point_latest(art.path.parent, out)  # `latest` keeps meaning the newest version
-    return {"artifact": str(out), "source": str(art.path), "rankers": metrics}
+    out = new_version(art.path, name, write, skip=(META_FILE, WEIGHTS_FILE, "manifest.json"),
+                      parent=storage.parent(source))
+    latest = storage.join(storage.parent(source), LATEST)
+    if storage.exists(latest) and locate(latest) == source:
+        point_latest(storage.parent(source), out)  # `latest` keeps meaning the newest version
+    return {"artifact": str(out), "source": source, "rankers": metrics}
 
 
-def new_version(src: Path, name: str, write: Callable[[Path], None], skip: tuple[str, ...] = ()) -> Path:
-    """A new artifact version `src.parent/name`: every file of `src` hard-linked (versions are never
-    modified, so sharing their bytes is safe; copied where links are impossible), except `skip`,
-    plus what `write(dir)` adds; staged and renamed into place (`artifact.layout.staged_dir`)."""
-    out = src.parent / name
+def new_version(src: Path, name: str, write: Callable[[Path], None], skip: tuple[str, ...] = (),
+                parent: str | Path | None = None) -> str | Path:
+    """A new artifact version `<parent>/name` (default: beside `src`; or an s3:// prefix): every file of the
+    local version `src` hard-linked (versions are never modified, so sharing their bytes is safe; copied
+    where links are impossible), except `skip`, plus what `write(dir)` adds; staged and published by
+    `artifact.layout.staged_dir` (renamed into place, or uploaded with the manifest last)."""
+    out = storage.join(parent, name) if parent is not None and storage.is_remote(parent) else Path(parent or src.parent) / name
     with staged_dir(out) as tmp:
         for f in sorted(src.rglob("*")):
             rel = f.relative_to(src)

