@@ -1,7 +1,7 @@
 """`make demo`: train the embedded default, serve it, query it, print the results and the next steps.
 
 Steps, all on one local Ray that this script starts and stops: (1) train the `demo` preset (synthetic
-shop, real SmolLM2 cut to 4 layers) into artifacts/latest; (2) deploy serve_configs/search.yaml on
+shop, SmolLM2 at full depth: frozen trunk, top layers trained) into artifacts/latest; (2) deploy serve_configs/search.yaml on
 a free port (what `serve run` does); (3) a few /search and /explain requests; (4) `serve.shutdown()`
 and `ray.shutdown()`, which stop Serve and exactly the Ray processes this script started, without
 signals, so nothing prints a stack dump on the way out; (5) the commands to run next.
@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from karma_ray.serve.harness import deploy_config, free_port, load_config  # noqa: E402  (after the path)
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,12 +29,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="HTTP port of the search service (default: a free one)")
     p.add_argument("--ready-timeout", type=float, default=240, help="seconds to wait for the service to be RUNNING")
     return p.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train() -> None:
@@ -45,17 +40,18 @@ def train() -> None:
 
 def start_serve(port: int, timeout_s: float) -> str:
     """Deploy serve_configs/search.yaml (its replicas, autoscaling, batching) on the connected Ray."""
-    from karma_ray.serve.app import deploy_config, load_config
-
     cfg = load_config(REPO / "serve_configs" / "search.yaml", artifact=str(REPO / "artifacts" / "latest"),
                       http_port=port)
     return deploy_config(cfg, timeout_s=timeout_s)
 
 
 def demo_requests() -> list[dict]:
+    """The first three test events of the demo preset's split (what a returning shopper would send)."""
     import pyarrow.parquet as pq
 
-    test = pq.read_table(REPO / "data" / "demo" / "test.parquet").slice(0, 3).to_pylist()
+    from karma_ray.config import get_preset
+
+    test = pq.read_table(get_preset("demo").data_dir / "test.parquet").slice(0, 3).to_pylist()
     return [{"user_id": int(r["user_id"]), "query": r["query"], "history": list(r["history"])[-5:], "k": 5}
             for r in test]
 

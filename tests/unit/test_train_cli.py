@@ -37,3 +37,13 @@ def test_a_prepared_or_missing_data_dir_is_accepted(tmp_path, capsys):
     assert main(["--data", str(tmp_path), "--print-config"]) == 0
     assert main(["--data", str(tmp_path / "not-yet"), "--print-config"]) == 0
     assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_demo_entry_point_imports_the_serve_tools_it_uses():
+    """`make demo` is not run by the suite (it trains the real model); its imports and its closing
+    lines are, so a moved helper cannot break it unnoticed."""
+    import jobs.demo as demo
+
+    assert callable(demo.deploy_config) and callable(demo.load_config) and callable(demo.free_port)
+    lines = demo.next_steps().strip().splitlines()
+    assert len(lines) == 4 and "serve run serve_configs/search.yaml" in lines[-1]
