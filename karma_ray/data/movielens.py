@@ -9,6 +9,7 @@ atomic files shipped in `recbole`.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,15 @@ def _log_order(ratings: pa.Table) -> np.ndarray:
     return np.lexsort((ratings["ts"].to_numpy(), ratings["user_id"].to_numpy()))
 
 
+# A title that already names a year keeps its own: "Kolya (1996)" was released in 1997.
+_HAS_YEAR = re.compile(r"\(\d{4}\)")
+
+
 def _make_items(ids: list[int], titles: list[str], genres: list[list[str]], years: list[str | None]) -> pa.Table:
     """Item text is "title (year) | genres": the year once (inside the title), no other attributes, so
     every configured history item fits in the prompt."""
     category = [", ".join(g) if g else "unknown" for g in genres]
-    titles = [f"{t} ({y})" if y and f"({y})" not in str(t) else str(t) for t, y in zip(titles, years)]
+    titles = [str(t) if not y or _HAS_YEAR.search(str(t)) else f"{t} ({y})" for t, y in zip(titles, years)]
     attributes = [""] * len(ids)
     return pa.Table.from_pydict(
         {"item_id": ids, "title": titles, "category": category, "attributes": attributes}, schema=ITEMS_SCHEMA

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("movielens", "synthetic")
 MAX_REJECT_FRAC = 0.01
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MANAGED = ("items.parquet", "train", *(f"{s}.parquet" for s in EVAL_SPLITS), "impressions", "meta.json")
 
 

@@ -45,6 +45,8 @@ def test_movielens_sizes_and_first_title(ml):
     first = items.filter(pc.equal(items["item_id"], 1)).to_pylist()[0]
     assert first == {"item_id": 1, "title": "Toy Story (1995)", "category": "Animation, Children's, Comedy",
                      "attributes": ""}  # fmt: skip  (the year once, in the title)
+    kolya = items.filter(pc.equal(items["item_id"], 242)).to_pylist()[0]["title"]
+    assert kolya == "Kolya (1996)"  # its own year, though released in 1997
     assert validate_items(items)[1].ok
 
 
