@@ -167,15 +167,27 @@ class TrainConfig:
 class IndexConfig:
     """How item embeddings become a FAISS index."""
 
-    kind: str = "flat"  # flat (exact inner product) | hnsw | ivf
+    kind: str = "flat"  # flat (exact inner product) | ivf_flat | ivf_pq | hnsw (benchmarks/recall_scale.py compares them)
+    nlist: int = 1024  # IVF cells (capped at items/39, FAISS's minimum training points per cell)
+    nprobe: int = 64  # IVF cells searched per query (serve user_config `nprobe` overrides it live)
+    pq_m: int = 64  # IVF-PQ sub-quantizers (must divide the embedding size)
+    pq_bits: int = 8  # bits per PQ code
     hnsw_m: int = 32
-    ivf_nlist: int = 256
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 256  # >= top-N (200); serve user_config `ef_search` overrides it live
+    shards: int = 1  # >1: export also writes S shard indexes (ids global) for RecallShard deployments
     embed_batch_size: int = 64
     embed_actors: int = 1  # Ray Data actors that embed the catalogue at export (one GPU each when training used GPUs)
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("flat", "hnsw", "ivf"), f"index.kind must be flat|hnsw|ivf, got {self.kind!r}")
+        _check(self.kind in INDEX_KINDS, f"index.kind must be one of {'|'.join(INDEX_KINDS)}, got {self.kind!r}")
+        for name in ("nlist", "nprobe", "pq_m", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "shards"):
+            _check(getattr(self, name) >= 1, f"index.{name} must be >= 1")
+        _check(1 <= self.pq_bits <= 16, f"index.pq_bits must be in 1..16, got {self.pq_bits}")
         _check(self.embed_batch_size >= 1 and self.embed_actors >= 1, "index.embed_batch_size and embed_actors must be >= 1")
+
+
+INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 
 
 PROTOCOLS = ("standard", "cold")
@@ -342,7 +354,9 @@ def _gpu() -> KarmaConfig:
         train=TrainConfig(num_workers=4, use_gpu=True, cpus_per_worker=4, batch_size=64, precision="bf16",
                           max_steps=5000, warmup_steps=200, log_every=20, checkpoint_every=500, lr=5e-5,
                           name="gpu"),
-        index=IndexConfig(kind="hnsw"),
+        # 100k items: IVF-Flat scanning 25% found 0.94-0.97 of the exact top-200 (benchmarks/recall_scale.py); 2 shards as
+        # serve_configs/search-gpu.yaml serves them (each nlist 128, nprobe 32)
+        index=IndexConfig(kind="ivf_flat", nlist=256, nprobe=64, shards=2),
     )
 
 

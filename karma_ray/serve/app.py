@@ -1,5 +1,8 @@
 """Bind the search graph: SearchIngress → InterestEncoder → Recall → PreRank → Rank.
 
+With `args.recall_shards: S > 1`, Recall scatters to RecallShard0…S-1 and merges (karma_ray/serve/recall.py);
+the YAML then lists those deployments too (their replicas, CPUs and user_config, like Recall's).
+
   serve run serve_configs/search.yaml                                  # artifacts/latest
   KARMA_ARTIFACT=artifacts/<run> serve run serve_configs/search.yaml   # another artifact
   serve run karma_ray.serve.app:build_app artifact=artifacts/<run>     # code defaults (1 CPU per replica!)
@@ -31,10 +34,10 @@ from karma_ray.artifact.layout import REQUIRED_FILES, locate
 from karma_ray.serve.encoder import InterestEncoder
 from karma_ray.serve.ingress import SearchIngress
 from karma_ray.serve.ranking import Ranker
-from karma_ray.serve.recall import Recall
+from karma_ray.serve.recall import Recall, RecallShard
 
 APP_NAME = "karma"
-DEPLOYMENTS = ("SearchIngress", "InterestEncoder", "Recall", "PreRank", "Rank")
+DEPLOYMENTS = ("SearchIngress", "InterestEncoder", "Recall", "PreRank", "Rank")  # + RecallShard<s> when sharded
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -63,16 +66,34 @@ def artifact_from_args(args: dict[str, Any] | None) -> str:
     return locate(artifact_path(args), REQUIRED_FILES)
 
 
-def stages(artifact: str) -> dict[str, Application]:
-    """The four stage deployments bound to one artifact, by deployment name."""
-    return {"InterestEncoder": InterestEncoder.bind(artifact), "Recall": Recall.bind(artifact),
+def recall_shards(args: dict[str, Any] | None) -> int:
+    """`args.recall_shards` (the YAML's; `${VAR}` expanded): how many RecallShard deployments hold the
+    index. 1 (default) = one Recall deployment with the whole index."""
+    raw = expand(str((args or {}).get("recall_shards") or 1))
+    shards = int(raw)
+    if shards < 1:
+        raise ValueError(f"recall_shards must be >= 1, got {raw!r}")
+    return shards
+
+
+def shard_names(shards: int) -> list[str]:
+    """Deployment names of the shards, as serve_configs/*.yaml must list them."""
+    return [f"RecallShard{s}" for s in range(shards)]
+
+
+def stages(artifact: str, shards: int = 1) -> dict[str, Application]:
+    """The four stage deployments bound to one artifact, by deployment name; with shards > 1 Recall
+    scatters to that many RecallShard deployments."""
+    parts = [RecallShard.options(name=name).bind(artifact, s, shards) for s, name in enumerate(shard_names(shards))]
+    return {"InterestEncoder": InterestEncoder.bind(artifact),
+            "Recall": Recall.bind(artifact, parts) if shards > 1 else Recall.bind(artifact),
             "PreRank": Ranker.options(name="PreRank").bind(artifact, "prerank"),
             "Rank": Ranker.options(name="Rank").bind(artifact, "rank")}
 
 
 def build_stage(args: dict[str, Any]) -> Application:
     """One stage alone: `serve run karma_ray.serve.app:build_stage stage=Recall artifact=DIR`."""
-    bound = stages(artifact_from_args(args))
+    bound = stages(artifact_from_args(args), recall_shards(args))
     if args.get("stage") not in bound:
         raise ValueError(f"stage must be one of {sorted(bound)}, not {args.get('stage')!r}")
     return bound[args["stage"]]
@@ -81,5 +102,5 @@ def build_stage(args: dict[str, Any]) -> Application:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder (`import_path: karma_ray.serve.app:build_app`)."""
     artifact = artifact_from_args(args)
-    s = stages(artifact)
+    s = stages(artifact, recall_shards(args))
     return SearchIngress.bind(s["InterestEncoder"], s["Recall"], s["PreRank"], s["Rank"], artifact)

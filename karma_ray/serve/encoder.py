@@ -202,6 +202,32 @@ class InterestEncoder:
             self.pending -= 1
 
 
+    async def embed_items(self, artifact: str, items: list[dict[str, Any]]) -> tuple[np.ndarray, str]:
+        """((N, d) item embeddings e_i, version) of items given as rows (item_id, title, category,
+        attributes[, image_emb]): the hot refresh (karma_ray.serve.refresh) embeds new or cold items with
+        the item tower and prompt of export. Runs in a worker thread beside the encode batches."""
+        state = self.versions.get(artifact)
+        return await asyncio.to_thread(self._embed_item_rows, state, items), state.version
+
+    def _embed_item_rows(self, state: EncoderState, items: list[dict[str, Any]], batch: int = 64) -> np.ndarray:
+        import pyarrow as pa
+        import torch
+
+        from karma_ray.data.prompts import PromptBuilder
+
+        self._use_threads()
+        b = state.builder
+        builder = PromptBuilder(b.tok, pa.Table.from_pylist(items), b.cfg, b.image_dim)
+        ids, out = [int(r["item_id"]) for r in items], []
+        for s in range(0, len(ids), batch):
+            arr = builder.items_batch(ids[s : s + batch])
+            width = int(arr["mask"].sum(1).max())
+            t = {k: torch.from_numpy(v).to(self.device) for k, v in arr.items()}
+            t["ids"], t["mask"] = t["ids"][:, :width], t["mask"][:, :width]
+            with torch.inference_mode():
+                out.append(state.model.encode_items(**t).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
     async def explain(self, artifact: str, query: str, history: list[int]) -> tuple[str, str]:
         """(text decoded from h, version). The decode runs in a worker thread, at most
         `explain_concurrency` at once, so the replica's event loop keeps batching encodes meanwhile."""

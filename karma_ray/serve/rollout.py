@@ -47,6 +47,15 @@ def live_config(app: str = APP_NAME) -> dict[str, Any]:
     return cfg
 
 
+def stage_names(cfg: dict[str, Any], app: str = APP_NAME) -> list[str]:
+    """The stages that hold versions in this config: the four, plus RecallShard<s> when sharded."""
+    from karma_ray.serve.app import recall_shards, shard_names
+
+    app_cfg = next((a for a in cfg["applications"] if a["name"] == app), {})
+    shards = recall_shards(app_cfg.get("args"))
+    return [*STAGE_DEPLOYMENTS, *(shard_names(shards) if shards > 1 else [])]
+
+
 def _without_nulls(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _without_nulls(v) for k, v in x.items() if v is not None}
@@ -80,7 +89,7 @@ def phases(cfg: dict[str, Any], new: str, app: str = APP_NAME) -> list[tuple[str
     old, new = pinned_artifact(cfg, app), artifact_key(new)
     out = []
     both = copy.deepcopy(cfg)
-    for name in STAGE_DEPLOYMENTS:
+    for name in stage_names(cfg, app):
         _deployment(both, name, app)["user_config"]["artifacts"] = list(dict.fromkeys([old, new]))
     out.append(("stages hold old and new", both))
     switched = copy.deepcopy(both)
@@ -88,7 +97,7 @@ def phases(cfg: dict[str, Any], new: str, app: str = APP_NAME) -> list[tuple[str
     ingress["artifact"], ingress["previous_artifact"] = new, old
     out.append(("ingress pins new", switched))
     final = copy.deepcopy(switched)
-    for name in STAGE_DEPLOYMENTS:
+    for name in stage_names(cfg, app):
         _deployment(final, name, app)["user_config"]["artifacts"] = [new]
     out.append(("stages drop old", final))
     return out

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as load_bytes
 
 from karma_ray.artifact import storage
-from karma_ray.artifact.faiss_index import build_faiss
+from karma_ray.artifact.faiss_index import build_faiss, build_shards
 from karma_ray.artifact.writer import write_artifact
 from karma_ray.config import KarmaConfig
 from karma_ray.data.catalog import ItemCatalog
@@ -97,6 +97,7 @@ def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str,
     builder = PromptBuilder(tok, catalog, cfg.data, cfg.model.image_dim)
     item_emb = embed_catalog(cfg, weights, catalog, cfg.index.embed_actors, show_progress)
     index = build_faiss(item_emb, catalog.ids, cfg.index)
+    shards = build_shards(item_emb, catalog.ids, cfg.index, cfg.index.shards) if cfg.index.shards > 1 else []
     metrics = dict(train_metrics) | quick_metrics(model, builder, index, data_dir, cfg, cache)
     meta_path = data_dir / "meta.json"
     data_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -107,4 +108,4 @@ def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str,
         "data": {"path": str(data_dir.resolve()), "dataset": data_meta.get("dataset"),
                  "data_hash": data_meta.get("data_hash"), "counts": data_meta.get("counts")},
         "checkpoint": checkpoint_uri or str(checkpoint_dir),
-    })
+    }, shards=shards)

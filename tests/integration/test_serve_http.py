@@ -1,7 +1,10 @@
 """The search service over real HTTP: serve_configs/search.yaml on the session's local Ray.
 
 The app is deployed from the YAML (its replica CPUs, autoscaling, queue limits and batching apply),
-with the artifact and HTTP port swapped for a tiny artifact and a free port.
+with the artifact and HTTP port swapped for a tiny artifact and a free port, and recall sharded:
+`recall_shards: 2`, RecallShard0/1 configured as the YAML's Recall (the artifact is exported with
+`index.shards=2`), so every test here goes through the scatter-gather path. The unsharded path is the
+YAML's default, served in tests/integration/test_shared_storage.py.
 
 The tiny artifact is written by the real export path (`export_artifact`: encoder, heads, items,
 item_emb, FAISS index, manifest) from the `tiny` preset's untrained weights, which keeps this module
@@ -34,15 +37,25 @@ def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
     model, _ = build_model(tiny_cfg.model, tiny_cfg.loss)
     ckpt = tmp_path_factory.mktemp("serve-ckpt")
     save_file(model.trainable_state(), str(ckpt / "model.safetensors"))  # what a training checkpoint holds
-    return export_artifact(tiny_cfg, ckpt, "serve-test", {"train": {}}, show_progress=False)
+    cfg = tiny_cfg.with_overrides([f"index.shards={SHARDS}"])
+    return export_artifact(cfg, ckpt, "serve-test", {"train": {}}, show_progress=False)
+
+
+SHARDS = 2
 
 
 @pytest.fixture(scope="module")
 def base_url(tiny_artifact, ray_cluster):
     from ray import serve
 
+    from karma_ray.serve.app import shard_names
+
     cfg = load_config(SEARCH_YAML, artifact=str(tiny_artifact), http_port=free_port(),
                       overrides={"InterestEncoder": {"user_config": {"torch_threads": 1}}})
+    app = cfg["applications"][0]
+    app["args"]["recall_shards"] = SHARDS
+    recall = next(d for d in app["deployments"] if d["name"] == "Recall")
+    app["deployments"] += [{**recall, "name": name} for name in shard_names(SHARDS)]
     try:
         yield deploy_config(cfg, timeout_s=240)
     finally:
@@ -183,11 +196,67 @@ def test_healthz_readyz_and_openapi(client, catalogue):
 
 
 def test_replica_counts_from_yaml(base_url):
-    from karma_ray.serve.app import DEPLOYMENTS
+    from karma_ray.serve.app import DEPLOYMENTS, shard_names
     from karma_ray.serve.harness import replica_counts
 
     counts = replica_counts()
-    assert set(counts) == set(DEPLOYMENTS) and all(n >= 1 for n in counts.values())
+    assert set(counts) == {*DEPLOYMENTS, *shard_names(SHARDS)} and all(n >= 1 for n in counts.values())
+
+
+def test_sharded_recall_equals_the_unsharded_index(base_url, tiny_artifact, catalogue):
+    """Recall scatters to the shard deployments (each loaded only its shard file) and merges: the same
+    ids and scores as the artifact's whole flat index, history excluded."""
+    import numpy as np
+    from ray import serve
+
+    from karma_ray.artifact.reader import load_index
+    from karma_ray.serve.harness import replica_info
+    from karma_ray.serve.recall import recall_topn
+
+    whole = load_index(tiny_artifact)
+    infos = [replica_info(name, "karma")[0] for name in ("RecallShard0", "RecallShard1")]
+    assert [i["shard"] for i in infos] == [0, 1]
+    assert sum(next(iter(i["ntotal"].values())) for i in infos) == whole.ntotal == len(catalogue)
+    recall = serve.get_deployment_handle("Recall", "karma")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        h = rng.standard_normal(whole.d).astype(np.float32)
+        h /= np.linalg.norm(h)
+        ids, scores, version = recall.search.remote(str(tiny_artifact.resolve()), h, catalogue[:4], 50).result(timeout_s=60)
+        want_ids, want_scores = recall_topn(whole, h, catalogue[:4], 200)
+        assert version == "serve-test"
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_hot_refresh_reembeds_items_without_a_restart(base_url, tiny_artifact, catalogue, tmp_path):
+    """jobs/refresh_items.py's path: the live encoder embeds new text for two catalogue items, the
+    shards that hold them replace their vectors via user_config (same replicas: no restart), and each
+    item is then its own top-1 for its new vector."""
+    import numpy as np
+    import pyarrow as pa
+    from ray import serve
+
+    from karma_ray.serve.harness import deploy_config, replica_info
+    from karma_ray.serve.refresh import read_refresh, refresh
+    from karma_ray.serve.rollout import live_config
+
+    pids = {name: {i["pid"] for i in replica_info(name, "karma")} for name in ("RecallShard0", "RecallShard1")}
+    ids = catalogue[10:12]
+    items = pa.table({"item_id": ids, "title": ["solar lantern XL", "trail runner 2"],
+                      "category": ["garden", "shoes"], "attributes": ["new", "new"]})
+    out = refresh(items, tmp_path, cfg=live_config(), deploy=deploy_config, app="karma")
+    assert out["items"] == 2 and out["deployments"] == ["RecallShard0", "RecallShard1"]
+    got_ids, emb, version = read_refresh(out["file"])
+    assert got_ids.tolist() == ids and version == "serve-test"
+    recall = serve.get_deployment_handle("Recall", "karma")
+    for item_id, vec in zip(ids, emb):
+        top, _, _ = recall.search.remote(str(tiny_artifact.resolve()), vec, [], 1).result(timeout_s=60)
+        assert int(top[0]) == item_id
+    assert {name: {i["pid"] for i in replica_info(name, "karma")} for name in pids} == pids
+    with pytest.raises(ValueError, match="not in the served catalogue"):
+        refresh(pa.table({"item_id": [max(catalogue) + 1], "title": ["x"]}), tmp_path, cfg=live_config(),
+                deploy=deploy_config, app="karma")
 
 
 def test_real_prometheus_scrapes_every_stage_latency_histogram(client, catalogue, ray_metrics_port):

@@ -7,7 +7,7 @@
   local file read, no boto3). That is the offline half of what ``ray up`` does.
   It skips EC2 resource autodetection, which is why cluster.yaml spells out
   ``resources`` for every node type: the schema requires them.
-* ``deploy/kuberay/rayservice.yaml`` is only checked to parse (not run in CI).
+* ``deploy/kuberay/`` is checked in tests/unit/test_kuberay.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
-RAYSERVICE_YAML = REPO_ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -219,19 +218,3 @@ def test_documented_job_uses_shared_storage(cluster: dict, cluster_text: str) ->
         assert "AWS_REGION=" in "\n".join(commands)
     gpu = cluster["available_node_types"][_GPU]["node_config"]
     assert gpu["IamInstanceProfile"]["Name"]  # workers get no instance profile (no S3) by default
-
-
-# --------------------------------------------------------------------------
-# KubeRay manifest: parse-only (not exercised in CI)
-# --------------------------------------------------------------------------
-def test_rayservice_manifest_parses() -> None:
-    text = RAYSERVICE_YAML.read_text()
-    assert "NOT EXERCISED IN CI" in text
-    manifest = yaml.safe_load(text)
-    assert manifest["kind"] == "RayService"
-    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    (app,) = serve_config["applications"]
-    assert app["import_path"] == "karma_ray.serve.app:build_app"
-    assert app["args"] == {"artifact": "/artifacts/latest"}
-    groups = {g["groupName"] for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    assert {"cpu", "gpu-encoder"} <= groups

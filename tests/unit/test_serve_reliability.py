@@ -248,14 +248,17 @@ def test_rollout_phases_hold_both_then_switch_then_drop(tmp_path):
 def test_yaml_timeouts_answer_before_the_proxy_and_shedding_is_bounded(name):
     """The ingress's own deadlines fit inside the proxy's (so a timeout is a JSON 503, not the
     proxy's plain-text answer), and every queue that can shed is bounded."""
+    from karma_ray.serve.app import recall_shards, shard_names
     from karma_ray.serve.harness import REPO_ROOT, load_config, user_configs
 
     cfg = load_config(REPO_ROOT / "serve_configs" / name)
+    shards = recall_shards(cfg["applications"][0]["args"])
     ingress = user_configs(cfg)["SearchIngress"]
     assert 0 < ingress["stage_timeout_s"] <= ingress["request_timeout_s"] < cfg["http_options"]["request_timeout_s"]
     guard.GuardConfig.from_user_config(ingress)  # the gate's keys are valid
     deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
-    assert set(deps) == {"SearchIngress", "InterestEncoder", "Recall", "PreRank", "Rank"}
+    assert set(deps) == {"SearchIngress", "InterestEncoder", "Recall", "PreRank", "Rank",
+                         *(shard_names(shards) if shards > 1 else [])}
     assert all(0 < d["max_queued_requests"] for d in deps.values())
     assert all(d.get("health_check_period_s") for d in deps.values())
     enc = deps["InterestEncoder"]
