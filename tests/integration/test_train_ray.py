@@ -179,9 +179,15 @@ def test_evaluate_job_names_a_missing_artifact(tmp_path, capsys):
 
 
 def test_quality_library_runs_every_arm_and_pairs_karma_with_action_only(ray_cluster, tiny_cfg, tmp_path):
-    """What benchmarks/quality.py runs, on the tiny model: every arm through the library, then the merge."""
+    """What benchmarks/quality.py runs, on the tiny model: every kind of arm through the library, then the
+    merge. gen_only and recon_only are KARMA with one λ set to 0 (arm_config, checked here without training)."""
     from karma_ray.cache.build import ensure_cache
-    from karma_ray.eval.quality import ARMS, Context, merge, run_arm
+    from karma_ray.eval.quality import ARMS, Context, arm_config, merge, run_arm
+
+    for arm, (gen, rec) in {"gen_only": (0.5, 0.0), "recon_only": (0.0, 0.5), "action_only": (0.0, 0.0)}.items():
+        lam = arm_config(tiny_cfg.with_overrides(["loss.lambda_gen=0.5", "loss.lambda_rec=0.5"]), arm, 3).loss
+        assert (lam.lambda_gen, lam.lambda_rec) == (gen, rec), arm
+    arms = tuple(a for a in ARMS if a not in ("gen_only", "recon_only"))
 
     cfg = tiny_cfg.with_overrides([
         "train.max_steps=4", "train.checkpoint_every=4", "train.log_every=2", "train.valid_every=2",
@@ -190,9 +196,9 @@ def test_quality_library_runs_every_arm_and_pairs_karma_with_action_only(ray_clu
         f"train.storage_path={tmp_path / 'runs'}", f"train.artifacts_dir={tmp_path / 'art'}"])
     ctx = Context.create(cfg, ensure_cache(cfg, progress=False))
     parts = [{"arm": arm, "seed": seed, "metrics": run_arm(ctx, arm, seed, log=lambda *_: None)}
-             for arm in ARMS for seed in ((0, 1) if arm in ("karma", "action_only") else (0,))]
+             for arm in arms for seed in ((0, 1) if arm in ("karma", "action_only") else (0,))]
     result = merge(parts, ctx, {"steps": 4})
-    assert list(result["arms"]) == list(ARMS) and result["protocol"] == "cold"
+    assert list(result["arms"]) == list(arms) and result["protocol"] == "cold"
     keys = {"hr@10", "hr@50", "hr@200", "ndcg@10", "hr@10_cold", "hr@50_cold", "sink_rate", "int_attn_entropy",
             "int_attn_top1", "fidelity_f1", "effective_rank", "valid"}
     for arm, row in result["arms"].items():
