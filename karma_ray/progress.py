@@ -10,6 +10,7 @@ formatting stay tqdm's.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -85,3 +86,17 @@ def quiet_library_bars_in_logs(stream: IO[str] | None = None) -> None:
     transformers is imported; a terminal keeps them."""
     if not is_terminal(stream if stream is not None else sys.stderr):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_worker_logs() -> None:
+    """For code that runs in a Ray worker, whose output always lands in a log (`ray job logs`, the
+    driver's stderr): no weight-loading bars from transformers, and no INFO line from Ray Train for
+    every `report` (our one line per log step already carries its numbers). Warnings still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:  # Ray Train V2 names this logger after its file
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)

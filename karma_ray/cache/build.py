@@ -59,7 +59,9 @@ class TrunkStates:
         from karma_ray.data.catalog import ItemCatalog
         from karma_ray.data.prompts import PromptBuilder
         from karma_ray.models.karma import build_model
+        from karma_ray.progress import quiet_worker_logs
 
+        quiet_worker_logs()
         cfg = KarmaConfig.from_dict(config)
         self.model, tok = build_model(cfg.model, cfg.loss)
         self.model.eval()

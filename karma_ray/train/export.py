@@ -48,6 +48,9 @@ class EmbedItems:
     def __init__(self, config: dict[str, Any], data_dir: str, weights: bytes, batch_size: int, threads: int = 0):
         from safetensors.torch import load as load_bytes
 
+        from karma_ray.progress import quiet_worker_logs
+
+        quiet_worker_logs()
         cfg = KarmaConfig.from_dict(config)
         self.model, tok = build_model(cfg.model, cfg.loss)
         self.model.load_trainable_state(load_bytes(weights), "the exported checkpoint")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from karma_ray.config import KarmaConfig
 from karma_ray.eval.attention import interest_row_concentration, sink_rates
 from karma_ray.models.karma import KarmaModel, build_model
+from karma_ray.progress import quiet_worker_logs
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ def _epoch(shard, cfg: KarmaConfig, epoch: int, skip: int) -> Iterator[tuple[int
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    quiet_worker_logs()
     cfg = KarmaConfig.from_dict(config["karma"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -57,3 +57,8 @@ def test_training_writes_one_line_per_log_step(train_log):
 def test_item_embedding_writes_a_bounded_number_of_lines(train_log):
     lines = progress_lines(train_log, "embed items")
     assert 1 <= len(lines) <= LOG_LINES_PER_BAR + 2, "\n".join(lines)
+
+
+def test_ray_train_does_not_log_every_report(train_log):
+    """Each report's numbers are already in the progress line; Ray Train's INFO line per report is off."""
+    assert "Reporting training result" not in train_log
