@@ -74,8 +74,8 @@ def frozen_arm(cfg: KarmaConfig, inputs, data_dir: str | Path, catalog: ItemCata
         model.init_readout(*readout_stats_of(model))
         results[readout] = evaluate_encoder(model, inputs, data_dir, cfg.eval, catalog, logq, fidelity, progress)
     pick = max(results, key=lambda r: results[r]["splits"]["valid"][SELECT_METRIC])
-    return results[pick] | {"readout": pick, "readout_valid_" + SELECT_METRIC: {
-        r: m["splits"]["valid"][SELECT_METRIC] for r, m in results.items()}}
+    return results[pick] | {"readout": pick, "readout_valid": {  # HR@10/200 too: equal HR@50s can be a tie
+        r: {k: m["splits"]["valid"][k] for k in ("hr@10", "hr@50", "hr@200")} for r, m in results.items()}}
 
 
 __all__ = ["frozen_arm", "popularity_arm", "sasrec_arm"]
