@@ -183,17 +183,42 @@ def add_items(index, item_emb: np.ndarray, item_ids: np.ndarray) -> None:
         old = np.isin(ids, id_map)
         if old.any():
             rows = _rows_of(id_map, ids[old])
-            core.remove_ids(faiss.IDSelectorBatch(rows))
-            core.add_with_ids(emb[old], rows)
             outer = faiss.downcast_index(index.index)
-            if isinstance(outer, faiss.IndexRefine):
+            if isinstance(outer, faiss.IndexRefine):  # the exact copy first: the fast-scan path re-encodes from it
                 vectors = faiss.rev_swig_ptr(faiss.downcast_index(outer.refine_index).get_xb(), outer.ntotal * outer.d)
-                vectors.reshape(-1, outer.d)[rows] = emb[old]
+                vectors = vectors.reshape(-1, outer.d)
+                vectors[rows] = emb[old]
+            if isinstance(core, faiss.IndexIVFFastScan):
+                _reencode_lists(core, vectors, rows)
+            else:
+                core.remove_ids(faiss.IDSelectorBatch(rows))
+                core.add_with_ids(emb[old], rows)
             emb, ids = emb[~old], ids[~old]
     else:
         index.remove_ids(ids)
     if len(ids):
         index.add_with_ids(emb, ids)
+
+
+def _reencode_lists(core, vectors: np.ndarray, rows: np.ndarray) -> None:
+    """Fast-scan lists pack codes in blocks, and FAISS's remove_ids leaves them inconsistent (1.15: removed
+    and re-added rows are then not found). So every list that holds a replaced row is emptied and its rows
+    re-encoded from the re-rank's float copy (already updated): the others land in the same list with the
+    same codes, the replaced rows in their new vectors' lists. Costs ~ntotal/nlist encodes per row."""
+    invlists = core.invlists
+    held, affected = [], []
+    for lst in range(core.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            labels = faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy()
+            if np.isin(labels, rows).any():
+                held.append(labels)
+                affected.append(lst)
+    for lst in affected:
+        invlists.resize(lst, 0)
+    again = np.concatenate(held) if held else np.zeros(0, np.int64)
+    core.ntotal = core.ntotal - len(again)
+    core.add_with_ids(np.ascontiguousarray(vectors[again]), again)
 
 
 def _rows_of(id_map: np.ndarray, ids: np.ndarray) -> np.ndarray:
