@@ -53,13 +53,21 @@ def main(argv=None) -> int:
                      "items_per_s": round(len(catalog) / seconds, 1), "emb_dim": int(emb.shape[1]),
                      "load_before": load0, "load_after": os.getloadavg()})
         print(json.dumps(runs[-1]), flush=True)
+    shared = max(max(r["load_before"][0], r["load_after"][0]) for r in runs) > (os.cpu_count() or 1)
+    load_note = (f"The machine was shared (1-minute load up to {max(max(r['load_before'][0], r['load_after'][0]) for r in runs):.1f} "
+                 f"on {os.cpu_count()} cores, this run at nice {os.nice(0)}): other jobs took most of the CPU, so these "
+                 "figures are contaminated, far below what the actors do alone, and the 2-actor/1-actor ratio says little "
+                 "about scaling. Re-run on an idle machine for capacity figures." if shared else
+                 f"1-minute load at most {os.cpu_count()} (the core count) during the runs.")
     result = {"preset": args.preset, "backbone": cfg.model.backbone, "cpus": os.cpu_count(), "runs": runs,
-              "note": "wall time includes each actor's model load; torch threads = cores / actors"}
+              "nice": os.nice(0), "shared_machine": shared,
+              "note": "wall time includes each actor's model load; torch threads = cores / actors. " + load_note}
     out = Path(args.out)
     (out / "export_throughput.json").write_text(json.dumps(result, indent=2))
     lines = ["# Distributed export: item embedding throughput", "",
              f"{len(catalog)} items of the `{args.preset}` catalogue, {cfg.model.backbone} at full depth, "
-             f"{os.cpu_count()} CPUs; wall time includes each actor's model load.", "",
+             f"{os.cpu_count()} CPUs; wall time includes each actor's model load; torch threads = cores / actors.", "",
+             load_note, "",
              "| actors | seconds | items/s | load (1 min) |", "|---|---|---|---|"]
     lines += [f"| {r['actors']} | {r['seconds']} | {r['items_per_s']} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
               for r in runs]

@@ -1,7 +1,8 @@
-"""Recall at catalogue scale: flat vs IVF-Flat / IVF-PQ / HNSW, sharded vs unsharded, in one run.
+"""Recall at catalogue scale: flat vs IVF-Flat / IVF-PQ / IVF-PQ + exact re-rank / HNSW, sharded vs unsharded.
 
   python benchmarks/recall_scale.py                                 # artifacts/latest, 100k and 1M items
   python benchmarks/recall_scale.py --artifact DIR --sizes 100000 --queries 200
+  python benchmarks/recall_scale.py --sizes 1000000 --kinds flat,ivf_pq_refine --unsharded-only --merge
 
 Vectors look like trained ones: the artifact's trained item embeddings, and beyond their count, samples of
 a Gaussian mixture (tied full covariance, numpy EM) fitted to them, at the trained dimension, scaled to
@@ -108,20 +109,22 @@ def recall_at(truth: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean([len(set(t.tolist()) & set(g[g >= 0].tolist())) / len(t) for t, g in zip(truth, got)]))
 
 
-def set_nprobe(index, nprobe: int | None) -> None:
-    """The IVF probes of an index, or of every shard (the serve user_config's `nprobe`)."""
-    import faiss
+def set_knobs(index, setting) -> None:
+    """One search setting on an index or every shard (the serve user_config's knobs): None = as built,
+    an int = IVF nprobe, a dict = {"nprobe": …, "k_factor": …} (the re-rank depth of ivf_pq_refine)."""
+    from karma_ray.artifact.faiss_index import set_search_knobs
 
-    from karma_ray.artifact.faiss_index import ShardedIndex
-
-    for part in (index.shards if isinstance(index, ShardedIndex) else [index]):
-        base = faiss.downcast_index(part.index)
-        if nprobe is not None and hasattr(base, "nprobe"):
-            base.nprobe = int(nprobe)
+    if setting is not None:
+        set_search_knobs(index, **(setting if isinstance(setting, dict) else {"nprobe": setting}))
 
 
-def measure(items: int, name: str, cfg, shards: int, nprobes: list, emb, ids, queries, lat_queries, truth) -> list[dict]:
-    """Build once, then one row per search setting (nprobe; None = the index as built)."""
+def label_of(name: str, setting) -> str:
+    knobs = setting if isinstance(setting, dict) else {"nprobe": setting}
+    return name.format(shard_nprobe=knobs.get("nprobe"), **knobs)
+
+
+def measure(items: int, name: str, cfg, shards: int, settings: list, emb, ids, queries, lat_queries, truth) -> list[dict]:
+    """Build once, then one row per search setting (see `set_knobs`)."""
     from karma_ray.artifact.faiss_index import ShardedIndex, build_faiss, build_shards, index_bytes
 
     load0 = os.getloadavg()[0]
@@ -130,10 +133,10 @@ def measure(items: int, name: str, cfg, shards: int, nprobes: list, emb, ids, qu
     build_s = time.perf_counter() - t0
     nbytes = sum(index_bytes(p) for p in ([index] if shards == 1 else index.shards))
     rows = []
-    for nprobe in nprobes:
-        set_nprobe(index, nprobe)
+    for setting in settings:
+        set_knobs(index, setting)
         _, got = index.search(queries, TOP_N)
-        label = name.format(nprobe=nprobe, shard_nprobe=nprobe)
+        label = label_of(name, setting)
         row = {"items": items, "index": label, "kind": cfg.kind, "shards": shards, "build_s": round(build_s, 2),
                "mem_mb_per_million": round(nbytes / 2**20 / items * 1e6, 1), "recall_vs_flat": round(recall_at(truth, got), 4)}
         if shards == 1:
@@ -150,9 +153,10 @@ def measure(items: int, name: str, cfg, shards: int, nprobes: list, emb, ids, qu
     return rows
 
 
-def plan(items: int, dim: int, full: bool) -> list[tuple[str, dict, int, list]]:
-    """(label, IndexConfig fields, shards, nprobe settings): flat, IVF-Flat at several nprobe, 4 shards of
-    flat (exactness), 4 and 8 shards of IVF-Flat (nlist split over them), and with `full` IVF-PQ and HNSW (their builds are the slowest here;
+def plan(items: int, dim: int, full: bool, refine_m: int = 0) -> list[tuple[str, dict, int, list]]:
+    """(label, IndexConfig fields, shards, search settings): flat, IVF-Flat at several nprobe, 4 shards of
+    flat (exactness), 4 and 8 shards of IVF-Flat (nlist split over them), IVF-PQ fast scan with an exact
+    re-rank at several (nprobe, k_factor) (`refine_m` 4-bit codes, default one per 2 dimensions), and with `full` IVF-PQ and HNSW (their builds are the slowest here;
     their memory per million does not depend on the size). nlist ~ sqrt(items), rounded to a power of two."""
     nlist = int(2 ** round(np.log2(np.sqrt(items))))
     pq_m = next(m for m in (96, 72, 64, 48, 32, 16, 8) if dim % m == 0)
@@ -160,6 +164,10 @@ def plan(items: int, dim: int, full: bool) -> list[tuple[str, dict, int, list]]:
            (f"ivf_flat nlist{nlist} nprobe{{nprobe}}", {"kind": "ivf_flat", "nlist": nlist}, 1, [8, 16, 32, 64, 128, 256]),
            *[(f"ivf_flat nlist{nlist} as {s} shards of nlist{nlist // s} nprobe{{shard_nprobe}}",
               {"kind": "ivf_flat", "nlist": nlist}, s, probes) for s, probes in ((4, [8, 16, 32, 48]), (8, [8, 16, 24]))]]
+    fs_m = refine_m or (dim // 2 if dim % 2 == 0 else dim)  # 2 dims per 4-bit code (3 per code: recall 0.946 at 1M)
+    out.append((f"ivf_pq_refine nlist{nlist} m{fs_m}x4fs nprobe{{nprobe}} kf{{k_factor}}",
+                {"kind": "ivf_pq_refine", "nlist": nlist, "pq_m": fs_m, "pq_bits": 4}, 1,
+                [{"nprobe": p, "k_factor": k} for p in (nlist // 8, nlist * 3 // 16, nlist // 4) for k in (4, 8, 16)]))
     if full:
         out.append((f"ivf_pq nlist{nlist} nprobe{{nprobe}} m{pq_m}x8", {"kind": "ivf_pq", "nlist": nlist, "pq_m": pq_m}, 1, [32, 64]))
         out.append(("hnsw M32 efC80 efS256", {"kind": "hnsw", "hnsw_m": 32, "hnsw_ef_construction": 80, "hnsw_ef_search": 256},
@@ -167,13 +175,14 @@ def plan(items: int, dim: int, full: bool) -> list[tuple[str, dict, int, list]]:
     return out
 
 
-def kept_rows(out: Path, sizes: list[int]) -> list[dict]:
-    """Rows of other sizes from an earlier run's results file (marked with that run's wall time)."""
+def kept_rows(out: Path, sizes: list[int], merge: bool = False) -> list[dict]:
+    """Rows of an earlier run's results file, marked earlier_run: those of other sizes (--append), or
+    all of them (--merge: a new run's rows are added next to them, each run's speedups against its own flat)."""
     path = out / "recall_scale.json"
     if not path.exists():
         return []
     earlier = json.loads(path.read_text())
-    return [{**r, "earlier_run": True} for r in earlier["runs"] if r["items"] not in sizes]
+    return [{**r, "earlier_run": True} for r in earlier["runs"] if merge or r["items"] not in sizes]
 
 
 def run_size(items: int, trained, mix, args, log) -> None:
@@ -191,10 +200,14 @@ def run_size(items: int, trained, mix, args, log) -> None:
     faiss.omp_set_num_threads(1)  # builds too: OpenMP's spinning threads ran 4x slower on the shared 2 cores
     _, truth = build_faiss(emb, ids, IndexConfig(kind="flat")).search(queries, TOP_N)  # exact top-200
     rows = []
-    for label, fields, shards, nprobes in plan(items, emb.shape[1], items <= args.full_plan_max_items):
-        for row in measure(items, label, IndexConfig(**fields), shards, nprobes, emb, ids, queries, lat_queries, truth):
+    kinds = set(args.kinds.split(",")) if args.kinds else None
+    for label, fields, shards, settings in plan(items, emb.shape[1], items <= args.full_plan_max_items, args.refine_m):
+        if (kinds and fields["kind"] not in kinds) or (args.unsharded_only and shards > 1):
+            continue
+        for row in measure(items, label, IndexConfig(**fields), shards, settings, emb, ids, queries, lat_queries, truth):
             flat = next((r for r in rows if r["index"] == "flat" and r["shards"] == 1), row)
             row["speedup_vs_flat"] = round(flat["p50_ms"] / row["p50_ms"], 1)
+            row["run"] = args.run_id
             rows.append(row)
             log(row)
 
@@ -205,10 +218,11 @@ def extrapolate(rows: list[dict], to_items: int) -> list[dict]:
     stay). Marked extrapolated: not measured."""
     base = max(r["items"] for r in rows)
     f = to_items / base
-    out = []
-    for r in rows:
-        if r["items"] != base or r["kind"] == "hnsw":
+    out, seen = [], set()
+    for r in rows:  # not HNSW (log-like search) nor the re-rank (a fixed k·factor candidates per query)
+        if r["items"] != base or r["kind"] in ("hnsw", "ivf_pq_refine") or (r["index"], r["shards"]) in seen:
             continue
+        seen.add((r["index"], r["shards"]))
         out.append({**{k: r[k] for k in ("index", "kind", "shards", "mem_mb_per_million", "recall_vs_flat", "speedup_vs_flat")},
                     "items": to_items, "build_s": round(r["build_s"] * f, 1), "p50_ms": round(r["p50_ms"] * f, 3),
                     "p99_ms": round(r["p99_ms"] * f, 3), "extrapolated": True, "from_items": base})
@@ -218,12 +232,12 @@ def extrapolate(rows: list[dict], to_items: int) -> list[dict]:
 def write(out: Path, result: dict) -> None:
     (out / "recall_scale.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Recall at catalogue scale", "", result["note"], "",
-             "| items | index | shards | build s | MB / 1M items | p50 ms | p99 ms | recall@200 vs flat | speedup vs flat | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | items | index | shards | build s | MB / 1M items | p50 ms | p99 ms | recall@200 vs flat | speedup vs flat | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['items']:,} | {r['index']} | {r['shards']} | {r['build_s']} | {r['mem_mb_per_million']} | "
-                     f"{r['p50_ms']} | {r['p99_ms']} | {r['recall_vs_flat']} | {r['speedup_vs_flat']}x | "
-                     f"{r['load_1min'][0]} → {r['load_1min'][1]} |")
+        lines.append(f"| {r.get('run', 'earlier')} | {r['items']:,} | {r['index']} | {r['shards']} | {r['build_s']} | "
+                     f"{r['mem_mb_per_million']} | {r['p50_ms']} | {r['p99_ms']} | {r['recall_vs_flat']} | "
+                     f"{r['speedup_vs_flat']}x | {r['load_1min'][0]} → {r['load_1min'][1]} |")
     if result.get("extrapolated"):
         lines += ["", "## Extrapolated (NOT measured)", "", result["extrapolation_note"], "",
                   "| items | index | shards | build s | MB / 1M items | p50 ms | recall@200 vs flat | speedup vs flat |",
@@ -246,15 +260,21 @@ def main(argv=None) -> int:
                    help="IVF-PQ and HNSW only up to this size (their builds take the longest on a shared 2-core box)")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of other sizes already in the results file (a size re-run alone)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep every row already in the results file and add this run's next to them (column run)")
+    p.add_argument("--kinds", default="", help="only these index kinds, e.g. flat,ivf_pq_refine (default: the whole plan)")
+    p.add_argument("--unsharded-only", action="store_true", help="skip the sharded rows")
+    p.add_argument("--refine-m", type=int, default=0, help="ivf_pq_refine: 4-bit codes per vector (0 = one per 2 dimensions)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    args.run_id = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     from karma_ray.artifact.layout import resolve
 
     art = resolve(args.artifact, ("item_emb.npy",))
     trained = np.load(Path(art) / "item_emb.npy", allow_pickle=False).astype(np.float64)
     mix = fit_mixture(trained, args.components)
     sizes = [int(s) for s in args.sizes.split(",")]
-    runs: list[dict] = kept_rows(Path(args.out), sizes) if args.append else []
+    runs: list[dict] = kept_rows(Path(args.out), sizes, args.merge) if args.append or args.merge else []
     t_start = time.time()
 
     def log(row: dict) -> None:  # every row is written at once: a later one may not finish
@@ -276,7 +296,8 @@ def summary(runs: list[dict], art: Path, trained: np.ndarray, args, t_start: flo
                  f"{args.components}-component tied-covariance Gaussian mixture fitted to them (unit norm); queries "
                  f"are fresh mixture samples. Builds and searches on 1 FAISS thread; latency: one top-{TOP_N} query at a time. Sharded rows: p50/p99 = slowest shard + merge (parallel scatter), p50_serial_ms = "
                  "all shards on one core. The machine (2 cores) was shared with other benchmarks: see load. "
-                 "Rows marked earlier_run come from an earlier invocation kept by --append (same vectors and index code; its plan had fewer shard and nprobe rows)."),
+                 "Rows marked earlier_run (run 'earlier' or an earlier run's start time) come from earlier invocations kept by --append/--merge "
+                 "(same vectors and index code); each row's speedup is against the flat row of its own run, measured side by side."),
     }
     if args.extrapolate_to:
         result["extrapolated"] = extrapolate(runs, args.extrapolate_to)

@@ -167,11 +167,12 @@ class TrainConfig:
 class IndexConfig:
     """How item embeddings become a FAISS index."""
 
-    kind: str = "flat"  # flat (exact inner product) | ivf_flat | ivf_pq | hnsw (benchmarks/recall_scale.py compares them)
+    kind: str = "flat"  # flat (exact inner product) | ivf_flat | ivf_pq | ivf_pq_refine | hnsw (benchmarks/recall_scale.py compares them)
     nlist: int = 1024  # IVF cells (capped at items/39, FAISS's minimum training points per cell)
     nprobe: int = 64  # IVF cells searched per query (serve user_config `nprobe` overrides it live)
     pq_m: int = 64  # IVF-PQ sub-quantizers (must divide the embedding size)
-    pq_bits: int = 8  # bits per PQ code
+    pq_bits: int = 8  # bits per PQ code; ivf_pq_refine with 4 uses FAISS's fast-scan PQ (SIMD lookups)
+    refine_k_factor: int = 4  # ivf_pq_refine: exact re-rank of the PQ top k·factor (serve user_config `k_factor` overrides it live)
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 256  # >= top-N (200); serve user_config `ef_search` overrides it live
@@ -181,13 +182,13 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in INDEX_KINDS, f"index.kind must be one of {'|'.join(INDEX_KINDS)}, got {self.kind!r}")
-        for name in ("nlist", "nprobe", "pq_m", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "shards"):
+        for name in ("nlist", "nprobe", "pq_m", "refine_k_factor", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "shards"):
             _check(getattr(self, name) >= 1, f"index.{name} must be >= 1")
         _check(1 <= self.pq_bits <= 16, f"index.pq_bits must be in 1..16, got {self.pq_bits}")
         _check(self.embed_batch_size >= 1 and self.embed_actors >= 1, "index.embed_batch_size and embed_actors must be >= 1")
 
 
-INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "ivf_pq_refine", "hnsw")
 
 
 PROTOCOLS = ("standard", "cold")

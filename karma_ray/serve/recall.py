@@ -178,12 +178,8 @@ def configure_index_replica(versions: HeldVersions[RecallState], cfg: dict[str, 
 
 
 def set_search_knobs(index, cfg: dict[str, Any]) -> None:
-    """IVF `nprobe` / HNSW `ef_search` from the user_config, where the index has them."""
-    import faiss
+    """IVF `nprobe` / HNSW `ef_search` / the re-rank depth `k_factor` (ivf_pq_refine) from the user_config,
+    where the index has them."""
+    from karma_ray.artifact.faiss_index import set_search_knobs as set_knobs
 
-    if "nprobe" in cfg or "ef_search" in cfg:
-        base = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-        if hasattr(base, "nprobe") and "nprobe" in cfg:
-            base.nprobe = int(cfg["nprobe"])
-        if hasattr(base, "hnsw") and "ef_search" in cfg:
-            base.hnsw.efSearch = int(cfg["ef_search"])
+    set_knobs(index, nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"), k_factor=cfg.get("k_factor"))

@@ -12,6 +12,14 @@ without a restart.
    ids). An id already in the index is replaced (a cold item re-embedded). A replica started later
    applies the same list, so every replica ends with the same index.
 
+An HNSW index (`index.kind=hnsw`) cannot replace: FAISS HNSW cannot remove a node, so the old vector would
+stay next to the new one and the id would be found twice. Every id a refresh takes is already in the
+index (see scope), so `refresh` refuses an HNSW artifact up front (`IndexCannotReplace`, before anything is
+embedded or deployed), and `add_items` refuses such a batch whole if it gets one. Rebuilding the shard instead
+was rejected: it is the whole HNSW build (50 s per 100k items on one core here, benchmarks/results/
+recall_scale.md), on every replica of the shard, inside `reconfigure` of a live replica; an export and a
+rollout (`jobs/rollout.py`) does the same work off the serving path and embeds every item anyway.
+
 Only indexes of the file's version take it: after a rollout, a new version's export embeds every item.
 Scope: ids of the served artifact's catalogue (new text for an item, or a cold item re-embedded). The
 ingress and rankers hold that catalogue (titles, features), so a brand-new id is refused here: it needs
@@ -100,6 +108,15 @@ def check_known(items: pa.Table, artifact: str) -> None:
                          "new items need an export and a rollout: the ingress and rankers hold the catalogue")
 
 
+def check_index_kind(items: pa.Table, artifact: str) -> None:
+    """Raise IndexCannotReplace if the artifact's index kind cannot replace the (catalogue) ids in `items`."""
+    from karma_ray.artifact.faiss_index import check_replaceable
+    from karma_ray.artifact.layout import read_manifest, resolve
+
+    kind = ((read_manifest(resolve(artifact, ("manifest.json",))).get("config") or {}).get("index") or {}).get("kind", "flat")
+    check_replaceable(kind, items.column("item_id").to_numpy())
+
+
 def embed_new_items(items: pa.Table, artifact: str, app: str) -> tuple[np.ndarray, str]:
     """(N, d) item embeddings of `items` from the live app's encoder, and its version."""
     from ray import serve
@@ -116,6 +133,7 @@ def refresh(items: pa.Table, out_dir: str | Path, *, cfg: dict[str, Any], deploy
 
     artifact = pinned_artifact(cfg, app)
     check_known(items, artifact)
+    check_index_kind(items, artifact)
     emb, version = embed_new_items(items, artifact, app)
     path = write_refresh(Path(out_dir).resolve() / f"refresh-{time.time_ns()}.parquet",
                          items.column("item_id").to_numpy(), emb, version)

@@ -1,12 +1,16 @@
 """Hot refresh without Ray: the file round trip, which replica applies what, and the config it deploys."""
 from __future__ import annotations
 
-import numpy as np
+import json
 
-from karma_ray.artifact.faiss_index import build_faiss, shard_of
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from karma_ray.artifact.faiss_index import IndexCannotReplace, build_faiss, shard_of
 from karma_ray.config import IndexConfig
 from karma_ray.serve.recall import RecallState
-from karma_ray.serve.refresh import apply_refreshes, read_refresh, refresh_config, write_refresh
+from karma_ray.serve.refresh import apply_refreshes, check_index_kind, read_refresh, refresh_config, write_refresh
 
 
 def _unit(n: int, seed: int) -> np.ndarray:
@@ -44,3 +48,21 @@ def test_refresh_config_names_the_deployments_that_hold_the_index():
     deps = {d["name"]: d["user_config"] for d in two["applications"][0]["deployments"]}
     assert "refresh" not in deps["Recall"]
     assert deps["RecallShard0"]["refresh"] == deps["RecallShard1"]["refresh"] == ["/x/r1.parquet", "/x/r2.parquet"]
+
+
+def test_hnsw_refresh_of_an_existing_id_is_refused_whole_and_up_front(tmp_path):
+    state = RecallState(build_faiss(_unit(50, 4), np.arange(50), IndexConfig(kind="hnsw", hnsw_m=8)), "v1")
+    path = write_refresh(tmp_path / "a.parquet", np.array([60, 7]), _unit(2, 5), "v1")  # 7 is there already
+    with pytest.raises(IndexCannotReplace, match=r"1 of the 2 ids .*\[7\]"):
+        apply_refreshes(state, [str(path)], lambda ids: np.ones(len(ids), bool))
+    assert state.index.ntotal == 50 and str(path) not in state.refreshed  # untouched: no duplicate id 7
+    items = pa.table({"item_id": np.array([7], np.int64)})
+    for kind, refused in (("hnsw", True), ("ivf_pq_refine", False), ("flat", False)):
+        art = tmp_path / kind
+        art.mkdir()
+        (art / "manifest.json").write_text(json.dumps({"config": {"index": {"kind": kind}}}))
+        if refused:  # what `refresh` checks before it embeds or deploys anything
+            with pytest.raises(IndexCannotReplace, match="index.kind=hnsw.*rollout"):
+                check_index_kind(items, str(art))
+        else:
+            check_index_kind(items, str(art))
