@@ -40,6 +40,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: float | None = None, met
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **kwargs)
     else:
+        # Serve's proxy → ingress hop over gRPC rather than a Ray actor call (measured in
+        # benchmarks/results/reliability.md serve_overhead); read by the proxy, which inherits this
+        # process's environment through the raylet it starts. On a `ray start` cluster set it there.
+        os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
         kwargs.update(address="local", num_cpus=num_cpus)
         if include_dashboard is not None:
             kwargs["include_dashboard"] = include_dashboard

@@ -11,8 +11,9 @@ Knobs come from the deployment's `user_config` (set in the YAML):
   explain_concurrency (decodes at once per replica; they run in a worker thread so that encode
   batches keep flowing), max_pending (requests a replica holds, running batch included; past it
   a call is refused at once, which the ingress answers with 503: load shedding that keeps the
-  served requests' wait at about max_pending forwards; 0 = no limit), artifacts (versions to hold,
-  see versions.py).
+  served requests' wait at about max_pending forwards; 0 = no limit), batch_fill_wait_ms (while
+  saturated, a batch short of max_batch_size waits up to this long for more calls; 0 = never waits),
+  artifacts (versions to hold, see versions.py).
 The code defaults are neutral (batches of up to 8, 2 ms wait, torch's own thread count).
 Each loaded version runs a few warm-up forwards before the replica takes traffic.
 """
@@ -75,28 +76,52 @@ def embed(state: EncoderState, queries: list[str], histories: list[list[int]], d
 
 class MicroBatcher:
     """`await submit(item)` → `fn([items])[i]`; one `fn` call at a time, in a worker thread, over
-    the calls that waited while the previous one ran (at most `max_batch_size`)."""
+    the calls that waited while the previous one ran (at most `max_batch_size`).
 
-    def __init__(self, fn, max_batch_size: int, on_batch=None):
+    `fill_wait_s` > 0: while saturated (the last batch was full, or `saturated()` says calls were
+    refused since it started), a batch that is not yet full waits up to that long for more calls before
+    it runs; at light load a call never waits."""
+
+    def __init__(self, fn, max_batch_size: int, on_batch=None, fill_wait_s: float = 0.0):
         self.fn, self.max_batch_size, self.on_batch = fn, max_batch_size, on_batch
+        self.fill_wait_s = fill_wait_s
+        self.saturated = False  # set by the owner when it refuses a call; cleared at each batch
         self._waiting: list[tuple[Any, asyncio.Future]] = []
         self._running = False
+        self._full = asyncio.Event()
+        self._last_full = False
 
     async def submit(self, item: Any) -> Any:
         fut = asyncio.get_running_loop().create_future()
         self._waiting.append((item, fut))
+        if len(self._waiting) >= self.max_batch_size:
+            self._full.set()
         if not self._running:
             self._running = True
             asyncio.create_task(self._drain())
         return await fut
 
+    async def _fill(self) -> None:
+        """Wait (bounded) for a full batch when the replica is saturated."""
+        if self.fill_wait_s <= 0 or len(self._waiting) >= self.max_batch_size:
+            return
+        if not (self._last_full or self.saturated):
+            return
+        self._full.clear()
+        try:
+            await asyncio.wait_for(self._full.wait(), self.fill_wait_s)
+        except asyncio.TimeoutError:
+            pass
+
     async def _drain(self) -> None:
         try:
             while self._waiting:
+                await self._fill()
                 batch = [(i, f) for i, f in self._waiting[: self.max_batch_size] if not f.done()]
                 self._waiting = self._waiting[self.max_batch_size:]
                 if not batch:
                     continue
+                self._last_full, self.saturated = len(batch) >= self.max_batch_size, False
                 t0 = time.perf_counter()
                 try:
                     results = await asyncio.to_thread(self.fn, [i for i, _ in batch])
@@ -152,6 +177,7 @@ class InterestEncoder:
         self.max_new_tokens = int(cfg.get("max_new_tokens", self.max_new_tokens))
         self._explain_slots = asyncio.Semaphore(int(cfg.get("explain_concurrency", 1)))
         self.max_pending = int(cfg.get("max_pending", 0))
+        self.batcher.fill_wait_s = float(cfg.get("batch_fill_wait_ms", 0)) / 1000.0
         device = str(cfg.get("device", "auto"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -194,6 +220,7 @@ class InterestEncoder:
         Refused at once (StageOverloaded) when the replica already holds `max_pending` calls."""
         if self.max_pending and self.pending >= self.max_pending:
             self.rejected += 1
+            self.batcher.saturated = True
             raise StageOverloaded(f"encoder replica holds {self.pending} requests (max_pending {self.max_pending})")
         self.pending += 1
         try:

@@ -9,7 +9,8 @@ Errors are JSON, never stack traces:
        query, malformed JSON, neither query nor history, every history id unknown and no query);
   503  shed or unavailable, always with Retry-After. Refused at once, never queued: the ingress
        already runs `max_ongoing_search` requests, an encoder replica already holds `max_pending`,
-       a stage's router queue is full (`max_queued_requests`), /explain is at its own limit. Also:
+       a stage's router queue is full (`max_queued_requests`), /explain is at its own limit, the
+       encoder refused a call and this ingress still has as many in flight (`pipeline.EncoderGate`). Also:
        a stage unavailable, or a stage / the whole request over its time budget (`stage_timeout_s`,
        `request_timeout_s`, which the YAML keeps below the proxy's own `request_timeout_s`, so
        timeouts are JSON too);
@@ -160,6 +161,9 @@ class SearchIngress:
         self.pipeline = SearchPipeline(HeldVersions(lambda a: Catalog.load(a, with_emb=False), artifact),
                                        encoder, recall, prerank, rank, self.metrics, retry_on=replica_lost_errors())
         self._overload = overload_errors()
+        from ray.serve.exceptions import BackPressureError
+
+        self.pipeline.encoder_gate.refused = (StageOverloaded, BackPressureError)
         self.request_timeout_s: float | None = None
         self.explain_limit = ConcurrencyLimit(2, "/explain")
         self.search_limit = ConcurrencyLimit(10**9, "/search")

@@ -1,7 +1,8 @@
 """The /search and /explain logic over four stage handles, without Serve.
 
 Request flow of /search (each arrow is a DeploymentHandle hop with a compact payload):
-  pin the artifact version → drop unknown history ids → InterestEncoder.encode → h (d floats)
+  pin the artifact version → drop unknown history ids → (EncoderGate: 503 at once while the encoder is
+  known to be full) → InterestEncoder.encode → h (d floats)
   → Recall.search(h, history) → ≤200 (ids, scores) → PreRank.score → ~50 → Rank.score → k
   → titles from the pinned version's catalogue → JSON.
 Every stage call carries the pinned artifact and answers with the version it used; a mismatch is
@@ -68,6 +69,40 @@ async def _await(x):
     return await x
 
 
+class EncoderGate:
+    """Sheds /search at the ingress, before any hop, while the encoder is known to be full.
+
+    When the encoder refuses a call (its replicas hold `max_pending`, or its router queue is full), the
+    calls this ingress still has in flight there become the cap; new requests are refused at once
+    while that many are in flight, and every answered call raises the cap by one (so a lone request
+    always passes and the cap follows the encoder's real room). Under overload the encoder then sees
+    about one refused call per batch instead of one per excess request: a refusal costs a hop, an
+    exception and a traceback in the replica that is computing the served requests' forwards."""
+
+    def __init__(self, refused: tuple[type, ...] = (StageOverloaded,)):
+        self.refused = refused
+        self.in_flight = 0
+        self.cap: int | None = None  # None: no refusal seen yet, no cap
+
+    def admit(self) -> None:
+        if self.cap is not None and self.in_flight >= self.cap:
+            raise StageOverloaded(f"the encoder is full ({self.in_flight} calls of this ingress in flight)")
+
+    async def call(self, make_call):
+        self.admit()
+        self.in_flight += 1
+        try:
+            out = await make_call()
+        except self.refused:
+            self.cap = max(1, self.in_flight - 1)
+            raise
+        finally:
+            self.in_flight -= 1
+        if self.cap is not None:
+            self.cap += 1
+        return out
+
+
 class SearchPipeline:
     """The request logic; `catalogs` holds the ingress's artifact versions, `active` is the pinned one."""
 
@@ -80,6 +115,7 @@ class SearchPipeline:
         self.stage_timeout_s = stage_timeout_s  # None: wait as long as the request deadline allows
         self.stage_retries = stage_retries
         self.retry_on = retry_on
+        self.encoder_gate = EncoderGate()
         self._rankers: dict[str, bool] = {}
 
     def activate(self, artifact: str) -> None:
@@ -147,7 +183,8 @@ class SearchPipeline:
         history, ignored = self._history(catalog, req)
         lat: dict[str, float] = {}
         query, k = req.clean_query, req.k
-        h = await self._timed("encode", lat, v, lambda: self.encoder.encode.remote(art, query, history))
+        h = await self.encoder_gate.call(
+            lambda: self._timed("encode", lat, v, lambda: self.encoder.encode.remote(art, query, history)))
         h = np.asarray(h, dtype=np.float32)
         ids, _ = await self._timed("recall", lat, v, lambda: self.recall.search.remote(art, h, history, k))
         n_recall = len(ids)

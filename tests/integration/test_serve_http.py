@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from karma_ray.serve.harness import SEARCH_YAML, deploy_config, free_port, load_config
+from karma_ray.serve.harness import SEARCH_YAML, deploy_config, free_port, load_config, user_configs
 
 pytestmark = pytest.mark.integration
 
@@ -103,12 +103,13 @@ def test_search_defaults_to_20_and_takes_query_only(client):
 
 
 def test_concurrent_searches_agree(client, catalogue):
-    """A burst within one encoder replica's max_pending (5) goes through the micro-batching encoder;
-    equal requests get equal answers."""
+    """A burst within one encoder replica's max_pending (the YAML's) goes through the micro-batching
+    encoder; equal requests get equal answers."""
     from concurrent.futures import ThreadPoolExecutor
 
+    max_pending = user_configs(load_config(SEARCH_YAML))["InterestEncoder"]["max_pending"]
     req = {"history": catalogue[5:9], "k": 5}
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(min(4, max_pending)) as pool:
         outs = list(pool.map(lambda _: client.post("/search", json=req), range(16)))
     assert all(o.status_code == 200 for o in outs), [(o.status_code, o.text[:200]) for o in outs if o.status_code != 200]
     first = [i["item_id"] for i in outs[0].json()["items"]]

@@ -261,3 +261,61 @@ def test_ranker_file_names_match_the_rankers_module(toy_artifact):
     assert set(RANKER_FILES) == {rankers.META_FILE, rankers.WEIGHTS_FILE}
     bundle, reason = load_ranker_bundle(toy_artifact)
     assert bundle is None and "no trained rankers" in reason
+
+
+# ---- the encoder's micro-batcher -----------------------------------------------------------------
+def test_micro_batcher_waits_to_fill_a_batch_only_when_saturated():
+    """At light load a call runs at once; once saturated (a refusal, or a full batch before), a short
+    batch waits up to fill_wait_s for more calls, so batches stay full under load."""
+    import time
+
+    from karma_ray.serve.encoder import MicroBatcher
+
+    sizes: list[int] = []
+
+    async def run(saturated: bool, gap_s: float, n: int) -> list[int]:
+        sizes.clear()
+        b = MicroBatcher(lambda items: [i * 2 for i in items], 3, lambda size, ms: sizes.append(size),
+                         fill_wait_s=0.5)
+        b.saturated = saturated
+
+        async def late(i):
+            await asyncio.sleep(gap_s * i)
+            return await b.submit(i)
+        t = time.perf_counter()
+        out = await asyncio.gather(*(late(i) for i in range(n)))
+        assert out == [i * 2 for i in range(n)]
+        return [*sizes, time.perf_counter() - t]
+
+    *light, _ = asyncio.run(run(False, 0.05, 3))
+    assert light[0] == 1  # not saturated: the first call runs alone, at once
+    *busy, took = asyncio.run(run(True, 0.05, 3))
+    assert busy == [3] and took < 0.45  # saturated: waited for the batch to fill, not for the whole 0.5 s
+
+
+def test_encoder_gate_sheds_at_the_ingress_while_the_encoder_is_full():
+    """After a refusal, the calls still in flight are the cap: more are refused without a hop; each
+    answered call raises the cap; a lone request always passes."""
+    from karma_ray.serve.pipeline import EncoderGate, StageOverloaded
+
+    gate, room, calls = EncoderGate(), 2, []
+
+    async def encode():
+        calls.append(1)
+        if gate.in_flight > room:
+            raise StageOverloaded("full")
+        await asyncio.sleep(0.05)
+        return "h"
+
+    async def burst(n):
+        return await asyncio.gather(*(gate.call(encode) for _ in range(n)), return_exceptions=True)
+
+    out = asyncio.run(burst(4))
+    assert [o == "h" for o in out].count(True) == 2 and gate.cap == 2 + 2  # refused at 3 and 4 -> cap 2, +2 answers
+    calls.clear()
+    gate.cap, gate.in_flight = 2, 2
+    with pytest.raises(StageOverloaded):
+        asyncio.run(gate.call(encode))  # at the cap: refused before the encoder is called
+    assert calls == []
+    gate.cap, gate.in_flight = 1, 0
+    assert asyncio.run(gate.call(encode)) == "h" and gate.cap == 2  # a lone request passes
