@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from karma_ray.config import IndexConfig
+from karma_ray.data.catalog import ItemCatalog
 
 MIN_POINTS_PER_CELL = 39  # FAISS warns below this many training points per IVF cell
 TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell, just above FAISS's minimum: the sample sets the training cost
@@ -222,9 +223,9 @@ def _reencode_lists(core, vectors: np.ndarray, rows: np.ndarray) -> None:
 
 
 def _rows_of(id_map: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows of the id map that hold `ids` (all present)."""
+    """Positions in the id map (the index's labels, in the order they were added) that hold `ids`."""
     order = np.argsort(id_map, kind="stable")
-    return order[np.searchsorted(id_map, ids, sorter=order)].astype(np.int64)
+    return order[ItemCatalog.of_ids(id_map[order]).rows_of(ids)].astype(np.int64)
 
 
 def _refuse_present(index, ids: np.ndarray) -> None:
