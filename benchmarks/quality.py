@@ -59,9 +59,15 @@ def base_config(args: argparse.Namespace):
 
 
 def fingerprint(cfg) -> str:
-    """Parts merge only with parts of the same configuration (seeds and run names aside)."""
+    """Parts merge only with parts of the same configuration (seeds, run names and the serving index aside:
+    the evaluation scores every item exactly, so the FAISS settings never reach a metric) and of where the
+    clone lives: paths count relative to the repository, and output folders not at all."""
     d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "name")}
+    d.pop("index", None)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "name", "storage_path", "artifacts_dir")}
+    for name in ("path", "cache_dir"):
+        if d["data"].get(name) and Path(d["data"][name]).is_relative_to(REPO):
+            d["data"][name] = str(Path(d["data"][name]).relative_to(REPO))
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
