@@ -45,7 +45,8 @@ def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: Kar
 class EmbedItems:
     """Ray Data callable class: item ids -> e_i at full depth, with the run's trained weights (one model per actor)."""
 
-    def __init__(self, config: dict[str, Any], data_dir: str, weights: bytes, batch_size: int, threads: int = 0):
+    def __init__(self, config: dict[str, Any], data_dir: str, weights: bytes | ray.ObjectRef, batch_size: int,
+                 threads: int = 0):
         from safetensors.torch import load as load_bytes
 
         from karma_ray.progress import quiet_worker_logs
@@ -53,6 +54,8 @@ class EmbedItems:
         quiet_worker_logs()
         cfg = KarmaConfig.from_dict(config)
         self.model, tok = build_model(cfg.model, cfg.loss)
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
         self.model.load_trainable_state(load_bytes(weights), "the exported checkpoint")
         self.builder = PromptBuilder(tok, ItemCatalog(load_items(data_dir, cfg.model.image_dim)), cfg.data,
                                      cfg.model.image_dim)
@@ -73,8 +76,10 @@ def embed_catalog(cfg: KarmaConfig, weights: bytes, catalog: ItemCatalog, actors
     ds = ray.data.from_items([{"item_id": int(i)} for i in catalog.ids], override_num_blocks=max(actors * 4, 1))
     ds = ds.map_batches(EmbedItems, batch_size=cfg.index.embed_batch_size * 4, num_gpus=1 if cfg.train.use_gpu else 0,
                         num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                        # The weights go through the object store: inline they would ride in the UDF's
+                        # pickle (~150 MB for the demo preset) to every actor and into Ray Data's warnings.
                         fn_constructor_kwargs={"config": cfg.to_dict(), "data_dir": str(cfg.data_dir.resolve()),
-                                               "weights": weights, "batch_size": cfg.index.embed_batch_size,
+                                               "weights": ray.put(weights), "batch_size": cfg.index.embed_batch_size,
                                                "threads": cfg.train.torch_threads})
     emb = np.zeros((len(catalog), 0), np.float32)
     with progress_bar(total=len(catalog), desc="embed items", unit="item", enabled=progress) as bar:
