@@ -128,15 +128,39 @@ def _reset_encoder_stats() -> None:
         handle.reset_stats.remote().result(timeout_s=60)
 
 
+def stage_percentiles(records: list[dict]) -> dict[str, dict[str, float | None]]:
+    """p50/p99 of each stage's time (as the ingress saw it) over the served requests."""
+    per_stage: dict[str, list[float]] = {}
+    for r in records:
+        for stage, ms in (r.get("stages_ms") or {}).items():
+            per_stage.setdefault(stage, []).append(ms)
+    return {stage: {"p50": pct(v, 50), "p99": pct(v, 99)} for stage, v in per_stage.items()}
+
+
+def encoder_facts() -> dict[str, Any]:
+    """Encoder replicas seen and their batches since the last `_reset_encoder_stats`."""
+    infos = harness.replica_info("InterestEncoder")
+    return {"replicas": len(infos), "batches": [i["batches"] for i in infos],
+            "mean_batch_size": [i["mean_batch_size"] for i in infos],
+            "forward_p50_ms": [i["forward_p50_ms"] for i in infos], "forward_p99_ms": [i["forward_p99_ms"] for i in infos],
+            "held_p99_ms": [i["held_p99_ms"] for i in infos], "rejected": [i["rejected"] for i in infos],
+            "forward_ms_by_size": [i["forward_ms_by_size"] for i in infos]}
+
+
 def section_overload(bench: Bench) -> dict[str, Any]:
     """Baseline at a light rate, then `overload_factor` × the measured capacity, then idle, then the
-    light rate again."""
+    light rate again; with each phase's stage times and the encoder's batches, to show where time goes."""
     a = bench.args
-    base = load(bench, bench.light_qps, a.phase_seconds)
-    offered = round(max(4 * bench.light_qps, a.overload_factor * bench.capacity_qps), 1)
+    light_seconds = max(a.phase_seconds, a.light_samples / max(bench.light_qps, 1e-3))  # a p99 of a few is a max
+    _reset_encoder_stats()
+    base = load(bench, bench.light_qps, light_seconds)
+    encoder_base = encoder_facts()
+    _reset_encoder_stats()
+    offered = a.offered_qps or round(max(4 * bench.light_qps, a.overload_factor * bench.capacity_qps), 1)
     over = load(bench, offered, a.phase_seconds)
+    encoder_over = encoder_facts()
     time.sleep(a.recovery_seconds)
-    after = load(bench, bench.light_qps, a.phase_seconds)
+    after = load(bench, bench.light_qps, light_seconds)
     recs = [r for r in over["records"] if r.get("status") != "skipped"]
     n = max(1, len(recs))
     n503 = sum(r.get("status") == 503 for r in recs)
@@ -149,8 +173,12 @@ def section_overload(bench: Bench) -> dict[str, Any]:
             "p99_ms_after_recovery": pct(latencies(after["records"]), 99),
             "capacity_qps_16_clients": bench.capacity_qps, "light_qps": bench.light_qps,
             "status_counts": over["steps"][0]["status_counts"], "seconds_per_phase": a.phase_seconds,
+            "seconds_per_light_phase": round(light_seconds, 1),
             "baseline_status_counts": base["steps"][0]["status_counts"],
-            "after_status_counts": after["steps"][0]["status_counts"]}
+            "after_status_counts": after["steps"][0]["status_counts"],
+            "stages_ms": {"baseline": stage_percentiles(base["records"]), "overload": stage_percentiles(recs),
+                          "after": stage_percentiles(after["records"])},
+            "encoder": {"baseline": encoder_base, "overload": encoder_over}}
 
 
 def section_replica_kill(bench: Bench) -> dict[str, Any]:
@@ -287,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--light-qps", type=float, default=4.0, help="steady load, at most (QPS)")
     p.add_argument("--light-share", type=float, default=0.3, help="steady load, at most this share of capacity")
     p.add_argument("--overload-factor", type=float, default=3.0)
+    p.add_argument("--offered-qps", type=float, default=0.0, help="overload rate (QPS); 0 = overload-factor x capacity")
     p.add_argument("--phase-seconds", type=float, default=20.0)
+    p.add_argument("--light-samples", type=int, default=60, help="requests in each light phase of overload, at least")
     p.add_argument("--recovery-seconds", type=float, default=10.0)
     p.add_argument("--kill-seconds", type=float, default=40.0)
     p.add_argument("--rollout-seconds", type=float, default=90.0)
@@ -306,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"artifact": artifact, "config": args.config, "overrides": overrides,
                               "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
     try:
-        cfg = dict(info["config"], applications=info["config"]["applications"] + [harness.noop_chain_app()])
+        search_app = info["config"]["applications"][0]
+        cfg = dict(info["config"], applications=info["config"]["applications"]
+                   + [harness.noop_chain_app(runtime_env=search_app.get("runtime_env"))])
         harness.deploy_config(cfg)
         print(f"serve up at {info['url']} in {time.time() - t0:.0f}s")
         bench = Bench(info["url"], artifact, cfg, harness.sample_requests(artifact, 3000, seed=3), args)

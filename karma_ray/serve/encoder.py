@@ -13,6 +13,9 @@ Knobs come from the deployment's `user_config` (set in the YAML):
   a call is refused at once, which the ingress answers with 503: load shedding that keeps the
   served requests' wait at about max_pending forwards; 0 = no limit), batch_fill_wait_ms (while
   saturated, a batch short of max_batch_size waits up to this long for more calls; 0 = never waits),
+  max_wait_forwards (a call is refused at once unless the replica expects to answer it, and every call
+  already in its batch, within this many single-prompt forward times, from the forward times it
+  measures: bounds a served request's encoder time past capacity whatever the hardware; 0 = off),
   artifacts (versions to hold, see versions.py).
 The code defaults are neutral (batches of up to 8, 2 ms wait, torch's own thread count).
 Each loaded version runs a few warm-up forwards before the replica takes traffic.
@@ -74,26 +77,90 @@ def embed(state: EncoderState, queries: list[str], histories: list[list[int]], d
     return h.float().cpu().numpy().astype(np.float32, copy=False)
 
 
+class ForwardCost:
+    """Seconds one forward of k prompts takes on this replica: a moving average per batch size; a size
+    not seen yet lies on the line through the two nearest seen sizes (a forward costs a fixed part plus
+    a part linear in the batch), or is the one seen size scaled in proportion. Unknown (0.0) until the
+    first observation. A provisional figure (the warm-up's, taken before the replica's thread settings
+    apply) is replaced outright by the first real forward of that size."""
+
+    def __init__(self, smoothing: float = 0.2):
+        self.smoothing = smoothing
+        self.seconds: dict[int, float] = {}
+        self._provisional: set[int] = set()
+
+    def observe(self, size: int, seconds: float, provisional: bool = False) -> None:
+        old = self.seconds.get(size)
+        if old is None or size in self._provisional:
+            self.seconds[size] = seconds
+        else:
+            self.seconds[size] = old + self.smoothing * (seconds - old)
+        self._provisional.discard(size)
+        if provisional:
+            self._provisional.add(size)
+
+    def __call__(self, size: int) -> float:
+        if not self.seconds:
+            return 0.0
+        if size in self.seconds:
+            t = self.seconds[size]
+        else:
+            nearest = sorted(self.seconds, key=lambda k: (abs(k - size), k))[:2]
+            if len(nearest) == 1:
+                t = self.seconds[nearest[0]] * size / nearest[0]
+            else:
+                (k1, t1), (k2, t2) = sorted((k, self.seconds[k]) for k in nearest)
+                t = max(0.0, t1 + (t2 - t1) * (size - k1) / (k2 - k1))
+        # A batch costs no more than its prompts one by one: a figure of a size measured while the machine
+        # was busy would otherwise keep refusing that size, so it would never be measured again.
+        return min(t, size * self.seconds[1]) if 1 in self.seconds and size > 1 else t
+
+
 class MicroBatcher:
     """`await submit(item)` → `fn([items])[i]`; one `fn` call at a time, in a worker thread, over
     the calls that waited while the previous one ran (at most `max_batch_size`).
 
     `fill_wait_s` > 0: while saturated (the last batch was full, or `saturated()` says calls were
     refused since it started), a batch that is not yet full waits up to that long for more calls before
-    it runs; at light load a call never waits."""
+    it runs; at light load a call never waits. `answers_within(budget_s)` tells, from the measured
+    forward times (`cost`), whether a call submitted now would be answered within that budget, and
+    every call already in its batch within theirs."""
 
     def __init__(self, fn, max_batch_size: int, on_batch=None, fill_wait_s: float = 0.0):
         self.fn, self.max_batch_size, self.on_batch = fn, max_batch_size, on_batch
         self.fill_wait_s = fill_wait_s
         self.saturated = False  # set by the owner when it refuses a call; cleared at each batch
-        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self.cost = ForwardCost()
+        self._waiting: list[tuple[Any, asyncio.Future, float]] = []  # (item, future, arrival time)
         self._running = False
+        self._batch: tuple[int, float] | None = None  # the forward running now: (size, start time)
         self._full = asyncio.Event()
         self._last_full = False
 
+    def answers_within(self, budget_s: float) -> bool:
+        """True if a call arriving now would be answered within `budget_s` (its wait and forward), and the
+        calls already waiting in the batch it would join still within `budget_s` of their arrival.
+        An idle replica always takes a call."""
+        return self.lateness(budget_s) <= 0.0
+
+    def lateness(self, budget_s: float) -> float:
+        """Seconds by which a call arriving now would miss `budget_s` (≤ 0: it would not), see
+        `answers_within`; while a forward runs, it is about how long until such a call would fit."""
+        if self._batch is None and not self._waiting:
+            return 0.0
+        now = time.perf_counter()
+        remaining = max(0.0, self.cost(self._batch[0]) - (now - self._batch[1])) if self._batch else 0.0
+        full_ahead, joined = divmod(len(self._waiting), self.max_batch_size)
+        start = now + remaining + full_ahead * self.cost(self.max_batch_size)
+        if joined + 1 < self.max_batch_size and (self._last_full or self.saturated):
+            start += self.fill_wait_s  # a short batch waits to fill while saturated
+        batch_mates = self._waiting[full_ahead * self.max_batch_size:]
+        earliest = min([now, *(arrived for _, _, arrived in batch_mates)])
+        return start + self.cost(joined + 1) - earliest - budget_s
+
     async def submit(self, item: Any) -> Any:
         fut = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, fut))
+        self._waiting.append((item, fut, time.perf_counter()))
         if len(self._waiting) >= self.max_batch_size:
             self._full.set()
         if not self._running:
@@ -117,12 +184,13 @@ class MicroBatcher:
         try:
             while self._waiting:
                 await self._fill()
-                batch = [(i, f) for i, f in self._waiting[: self.max_batch_size] if not f.done()]
+                batch = [(i, f) for i, f, _ in self._waiting[: self.max_batch_size] if not f.done()]
                 self._waiting = self._waiting[self.max_batch_size:]
                 if not batch:
                     continue
                 self._last_full, self.saturated = len(batch) >= self.max_batch_size, False
                 t0 = time.perf_counter()
+                self._batch = (len(batch), t0)
                 try:
                     results = await asyncio.to_thread(self.fn, [i for i, _ in batch])
                 except Exception as e:  # noqa: BLE001 — every caller of this batch gets the error
@@ -130,11 +198,15 @@ class MicroBatcher:
                         if not f.done():
                             f.set_exception(e)
                     continue
+                finally:
+                    self._batch = None
+                seconds = time.perf_counter() - t0
+                self.cost.observe(len(batch), seconds)
                 for (_, f), r in zip(batch, results):
                     if not f.done():  # a caller that gave up (cancelled) is skipped
                         f.set_result(r)
                 if self.on_batch is not None:
-                    self.on_batch(len(batch), (time.perf_counter() - t0) * 1000)
+                    self.on_batch(len(batch), seconds * 1000)
         finally:
             self._running = False
 
@@ -148,11 +220,12 @@ class InterestEncoder:
         self.max_new_tokens = 24
         self.batch_sizes: list[int] = []  # recent batch sizes and forward times, for profiling (`info`)
         self.forward_ms: list[float] = []
+        self.held_ms: list[float] = []  # admitted encode calls: arrival at this replica → answer (wait + forward)
+        self.batcher = MicroBatcher(self._embed_items, DEFAULT_MAX_BATCH_SIZE, self._record_batch)
         self.versions = HeldVersions(self._load, artifact)
         self._explain_slots = asyncio.Semaphore(1)
         self.pending = 0  # admitted encode calls not yet answered (waiting + running batch)
         self.rejected = 0
-        self.batcher = MicroBatcher(self._embed_items, DEFAULT_MAX_BATCH_SIZE, self._record_batch)
         self._configure({})  # code defaults; Serve then calls reconfigure(user_config) from the YAML
 
     def _load(self, artifact: str) -> EncoderState:
@@ -161,6 +234,10 @@ class InterestEncoder:
         queries, histories = zip(*WARMUP_PROMPTS)
         for _ in range(2):  # first forwards allocate and pick kernels: keep that off the first request
             embed(state, list(queries), list(histories), self.device)
+        for size in (1, len(queries)):  # the admission's first forward times (`max_wait_forwards`)
+            t0 = time.perf_counter()
+            embed(state, list(queries[:size]), list(histories[:size]), self.device)
+            self.batcher.cost.observe(size, time.perf_counter() - t0, provisional=True)
         return state
 
     async def reconfigure(self, cfg: dict[str, Any]) -> None:
@@ -177,6 +254,7 @@ class InterestEncoder:
         self.max_new_tokens = int(cfg.get("max_new_tokens", self.max_new_tokens))
         self._explain_slots = asyncio.Semaphore(int(cfg.get("explain_concurrency", 1)))
         self.max_pending = int(cfg.get("max_pending", 0))
+        self.max_wait_forwards = float(cfg.get("max_wait_forwards", 0))
         self.batcher.fill_wait_s = float(cfg.get("batch_fill_wait_ms", 0)) / 1000.0
         device = str(cfg.get("device", "auto"))
         if device == "auto":
@@ -217,16 +295,28 @@ class InterestEncoder:
 
     async def encode(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
         """((d,) float32 unit vector, version). History ids must be known (the ingress filters them).
-        Refused at once (StageOverloaded) when the replica already holds `max_pending` calls."""
+        Refused at once (StageOverloaded) when the replica already holds `max_pending` calls, or when it
+        would answer later than `max_wait_forwards` single-prompt forwards from now (measured here)."""
+        reason, late = None, 0.0
         if self.max_pending and self.pending >= self.max_pending:
+            reason = f"encoder replica holds {self.pending} requests (max_pending {self.max_pending})"
+        elif self.max_wait_forwards:
+            late = self.batcher.lateness(self.max_wait_forwards * self.batcher.cost(1))
+            if late > 0:
+                reason = (f"encoder replica would answer {late * 1000:.0f} ms after {self.max_wait_forwards} "
+                          f"forwards of one prompt ({self.pending} requests held)")
+        if reason:
             self.rejected += 1
             self.batcher.saturated = True
-            raise StageOverloaded(f"encoder replica holds {self.pending} requests (max_pending {self.max_pending})")
+            raise StageOverloaded(reason, retry_in_s=max(late, 0.0))
         self.pending += 1
+        t0 = time.perf_counter()
         try:
-            return await self.batcher.submit((artifact, query or "", list(history)))
+            out = await self.batcher.submit((artifact, query or "", list(history)))
         finally:
             self.pending -= 1
+        self.held_ms = (self.held_ms + [(time.perf_counter() - t0) * 1000])[-2000:]
+        return out
 
 
     async def embed_items(self, artifact: str, items: list[dict[str, Any]]) -> tuple[np.ndarray, str]:
@@ -289,9 +379,12 @@ class InterestEncoder:
                 "torch_threads": torch.get_num_threads(), "batches": len(self.forward_ms),
                 "mean_batch_size": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
                 "forward_p50_ms": float(np.nanpercentile(fw, 50)), "forward_p99_ms": float(np.nanpercentile(fw, 99)),
+                "held_p99_ms": float(np.percentile(self.held_ms, 99)) if self.held_ms else None,
                 "max_batch_size": self.max_batch_size,
-                "max_pending": self.max_pending, "pending": self.pending, "rejected": self.rejected}
+                "max_pending": self.max_pending, "pending": self.pending, "rejected": self.rejected,
+                "max_wait_forwards": self.max_wait_forwards,
+                "forward_ms_by_size": {k: round(v * 1000, 1) for k, v in sorted(self.batcher.cost.seconds.items())}}
 
     def reset_stats(self) -> None:
         """Forget recorded batch sizes and forward times (a benchmark measures one phase at a time)."""
-        self.batch_sizes, self.forward_ms, self.rejected = [], [], 0
+        self.batch_sizes, self.forward_ms, self.held_ms, self.rejected = [], [], [], 0

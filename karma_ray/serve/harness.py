@@ -384,12 +384,14 @@ def kill_one_replica(deployment: str, app: str = APP_NAME) -> int:
     return pid
 
 
-def noop_chain_app(hops: int = 4, route_prefix: str = "/noop") -> dict[str, Any]:
+def noop_chain_app(hops: int = 4, route_prefix: str = "/noop", runtime_env: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """A Serve application config (for `deploy_config`'s "applications") of a FastAPI ingress that
     calls `hops` no-op deployments one after the other over gRPC handles, like /search does: the
-    floor of this machine for an HTTP request through a four-stage chain."""
+    floor of this machine for an HTTP request through a four-stage chain. Give it the search app's
+    `runtime_env` so that both run with the same Serve threading settings."""
     return {"name": "noop-chain", "route_prefix": route_prefix, "import_path": "karma_ray.serve.harness:_noop_chain",
-            "args": {"hops": hops},
+            "args": {"hops": hops}, **({"runtime_env": runtime_env} if runtime_env else {}),
             "deployments": [{"name": "NoopIngress", "ray_actor_options": {"num_cpus": 0.1}}]
             + [{"name": f"Noop{i}", "ray_actor_options": {"num_cpus": 0.1}} for i in range(hops)]}
 

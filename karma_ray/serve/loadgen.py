@@ -99,8 +99,12 @@ async def _load(url: str, steps: list[float], step_seconds: float, requests: lis
             try:
                 r = await client.post(path, json=body)
                 rec["status"] = r.status_code
-                if record_version and r.status_code == 200:
-                    rec["version"] = r.json().get("model_version")
+                if r.status_code == 200:
+                    answer = r.json()
+                    if record_version:
+                        rec["version"] = answer.get("model_version")
+                    if isinstance(answer.get("latency_ms"), dict):  # /search: where a served request's time went
+                        rec["stages_ms"] = answer["latency_ms"]
             except httpx.TimeoutException:
                 rec["status"] = "timeout"
             except httpx.HTTPError as e:

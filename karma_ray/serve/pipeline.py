@@ -46,7 +46,23 @@ class StageTimeout(Exception):
 
 
 class StageOverloaded(Exception):
-    """A stage replica refused a call because its own queue is full (`max_pending`): 503 at once."""
+    """A stage replica refused a call because it is full (`max_pending`, or it could not answer in time):
+    503 at once. `retry_in_s` > 0: the refusing replica expects to take a call again that much later."""
+
+    def __init__(self, message: str, retry_in_s: float = 0.0):
+        super().__init__(message, retry_in_s)
+        self.retry_in_s = retry_in_s
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def retry_hint_s(error: BaseException) -> float:
+    """A StageOverloaded's `retry_in_s`, also through Ray's wrapping of a remote exception (`cause`)."""
+    for e in (error, getattr(error, "cause", None)):
+        if isinstance(getattr(e, "retry_in_s", None), (int, float)):
+            return float(e.retry_in_s)
+    return 0.0
 
 
 class VersionMismatch(Exception):
@@ -72,19 +88,24 @@ async def _await(x):
 class EncoderGate:
     """Sheds /search at the ingress, before any hop, while the encoder is known to be full.
 
-    When the encoder refuses a call (its replicas hold `max_pending`, or its router queue is full), the
-    calls this ingress still has in flight there become the cap; new requests are refused at once
-    while that many are in flight, and every answered call raises the cap by one (so a lone request
-    always passes and the cap follows the encoder's real room). Under overload the encoder then sees
-    about one refused call per batch instead of one per excess request: a refusal costs a hop, an
-    exception and a traceback in the replica that is computing the served requests' forwards."""
+    A refusal that says when the encoder will take calls again (`retry_in_s`: it could not answer in
+    time) closes the gate until then. Any other refusal (its replicas hold `max_pending`, or its router
+    queue is full) makes the calls this ingress still has in flight there the cap; new requests are
+    refused at once while that many are in flight, and every answered call raises the cap by one (so a
+    lone request always passes and the cap follows the encoder's real room). Under overload the encoder
+    then sees about one refused call per batch instead of one per excess request: a refusal costs a
+    hop, an exception and a traceback in the replica that is computing the served requests' forwards."""
 
     def __init__(self, refused: tuple[type, ...] = (StageOverloaded,)):
         self.refused = refused
         self.in_flight = 0
         self.cap: int | None = None  # None: no refusal seen yet, no cap
+        self.closed_until = 0.0  # perf_counter time before which the encoder said it takes no call
 
     def admit(self) -> None:
+        wait = self.closed_until - time.perf_counter()
+        if wait > 0:
+            raise StageOverloaded(f"the encoder takes calls again in {wait * 1000:.0f} ms", retry_in_s=wait)
         if self.cap is not None and self.in_flight >= self.cap:
             raise StageOverloaded(f"the encoder is full ({self.in_flight} calls of this ingress in flight)")
 
@@ -93,8 +114,12 @@ class EncoderGate:
         self.in_flight += 1
         try:
             out = await make_call()
-        except self.refused:
-            self.cap = max(1, self.in_flight - 1)
+        except self.refused as e:
+            hint = retry_hint_s(e)
+            if hint > 0:
+                self.closed_until = max(self.closed_until, time.perf_counter() + hint)
+            else:
+                self.cap = max(1, self.in_flight - 1)
             raise
         finally:
             self.in_flight -= 1

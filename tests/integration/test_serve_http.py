@@ -103,13 +103,15 @@ def test_search_defaults_to_20_and_takes_query_only(client):
 
 
 def test_concurrent_searches_agree(client, catalogue):
-    """A burst within one encoder replica's max_pending (the YAML's) goes through the micro-batching
-    encoder; equal requests get equal answers."""
+    """Requests at once within what one encoder replica always takes (the YAML's max_pending, and
+    max_wait_forwards: the running forward plus one more fit in 2 forwards) go through the
+    micro-batching encoder; equal requests get equal answers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    max_pending = user_configs(load_config(SEARCH_YAML))["InterestEncoder"]["max_pending"]
+    encoder = user_configs(load_config(SEARCH_YAML))["InterestEncoder"]
+    at_once = min(encoder["max_pending"], int(encoder["max_wait_forwards"]))
     req = {"history": catalogue[5:9], "k": 5}
-    with ThreadPoolExecutor(min(4, max_pending)) as pool:
+    with ThreadPoolExecutor(at_once) as pool:
         outs = list(pool.map(lambda _: client.post("/search", json=req), range(16)))
     assert all(o.status_code == 200 for o in outs), [(o.status_code, o.text[:200]) for o in outs if o.status_code != 200]
     first = [i["item_id"] for i in outs[0].json()["items"]]

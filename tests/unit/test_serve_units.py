@@ -293,6 +293,72 @@ def test_micro_batcher_waits_to_fill_a_batch_only_when_saturated():
     assert busy == [3] and took < 0.45  # saturated: waited for the batch to fill, not for the whole 0.5 s
 
 
+def test_micro_batcher_admits_a_call_only_if_it_can_answer_it_within_the_budget():
+    """The time bound behind `max_wait_forwards`: an idle replica takes any call; a busy one takes a call
+    only if the running forward's remainder plus the call's own batch fits the budget, from measured
+    forward times (an unseen batch size scales the nearest seen one)."""
+    import time
+
+    from karma_ray.serve.encoder import ForwardCost, MicroBatcher
+
+    cost = ForwardCost()
+    assert cost(3) == 0.0  # nothing measured yet
+    cost.observe(1, 0.1)
+    assert cost(2) == pytest.approx(0.2)  # one size seen: in proportion
+    cost.observe(3, 0.05, provisional=True)
+    cost.observe(3, 0.25)  # the first real forward replaces a provisional figure
+    assert cost(3) == pytest.approx(0.25)
+    assert cost(2) == pytest.approx(0.175) and cost(5) == pytest.approx(0.4)  # on the line through 1 and 3
+    cost.observe(2, 0.9)  # measured while the machine was busy: capped at two forwards of one
+    assert cost(2) == pytest.approx(0.2)
+
+    async def run() -> list[bool]:
+        b = MicroBatcher(lambda items: time.sleep(0.1 * len(items)) or items, 3)
+        b.cost.observe(1, 0.1)
+        seen = [b.answers_within(0.01)]  # idle: always
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.sleep(0.02)  # "a" is running: ~0.08 s left, and a new call's own forward is 0.1 s
+        seen += [b.answers_within(0.15), b.answers_within(0.25)]
+        second = asyncio.create_task(b.submit("b"))
+        await asyncio.sleep(0)
+        seen.append(b.answers_within(0.25))  # would join "b": their batch of 2 (0.2 s) ends too late for "b"
+        await asyncio.gather(first, second)
+        return seen
+
+    assert asyncio.run(run()) == [True, False, True, False]
+
+
+def test_encoder_gate_stays_closed_for_as_long_as_the_encoder_said():
+    """A refusal with `retry_in_s` (the encoder could not answer in time) closes the gate for that long:
+    calls in between are refused at the ingress, with no hop; the hint survives pickling (Ray's hop)."""
+    import pickle
+    import time
+
+    from karma_ray.serve.pipeline import EncoderGate, StageOverloaded, retry_hint_s
+
+    refusal = pickle.loads(pickle.dumps(StageOverloaded("late", retry_in_s=0.2)))
+    assert retry_hint_s(refusal) == 0.2 and str(refusal) == "late"
+    gate, calls = EncoderGate(), []
+
+    async def encode(refuse: bool):
+        calls.append(refuse)
+        if refuse:
+            raise refusal
+        return "h"
+
+    async def run():
+        with pytest.raises(StageOverloaded):
+            await gate.call(lambda: encode(True))
+        with pytest.raises(StageOverloaded, match="takes calls again"):
+            await gate.call(lambda: encode(False))  # refused here, never sent
+        await asyncio.sleep(0.25)
+        return await gate.call(lambda: encode(False))
+
+    t = time.perf_counter()
+    assert asyncio.run(run()) == "h" and calls == [True, False] and time.perf_counter() - t >= 0.2
+    assert gate.cap is None  # a timed refusal sets no count cap
+
+
 def test_encoder_gate_sheds_at_the_ingress_while_the_encoder_is_full():
     """After a refusal, the calls still in flight are the cap: more are refused without a hop; each
     answered call raises the cap; a lone request always passes."""
