@@ -67,7 +67,14 @@ def show(url: str) -> None:
             print(f"  {it['score']:+.3f}  {it['item_id']:>6}  {it['title']}")
         ex = httpx.post(f"{url}/explain", json=req, timeout=60)
         if ex.status_code == 200:
-            print(f"  explain (decoded from h): {json.dumps(ex.json().get('text', ex.json()))}")
+            text = ex.json().get("text", "")
+            print(f"  explain (decoded from h): {json.dumps(text)}")
+            if not any(ch.isalpha() for ch in text):
+                print(f"    {UNTRAINED_DECODER_NOTE}")
+
+
+UNTRAINED_DECODER_NOTE = ("(no words yet: the demo's 30 steps barely train the decoder behind /explain; "
+                          "README 'What h says' shows it on an ml100k run)")
 
 
 SHUTDOWN_NOTE = ("(a '(raylet) Task ServeController.graceful_shutdown failed ... will be retried' line above is "

@@ -374,6 +374,7 @@ def _tiny() -> KarmaConfig:
         loss=LossConfig(),
         train=TrainConfig(num_workers=1, batch_size=4, max_steps=6, warmup_steps=1, log_every=2,
                           checkpoint_every=3, lr=1e-3, name="tiny"),
+        eval=EvalConfig(fidelity_fit_steps=10),
     )
 
 

@@ -165,7 +165,7 @@ def test_evaluate_job_on_a_demo_preset_artifact(ray_cluster, tmp_path):
         "train.log_every=1", f"train.storage_path={tmp_path / 'runs'}", f"train.artifacts_dir={tmp_path / 'artifacts'}"])
     art = run(cfg, run_name="demo-tiny", show_progress=False)
     assert main(["--artifact", str(art), "--max-events", "20", "--probe-prompts", "4", "--fidelity-samples", "4",
-                 "--bootstrap", "20", "--no-progress"]) == 0
+                 "--bootstrap", "20", "--set", "eval.fidelity_fit_steps=5", "--no-progress"]) == 0
     metrics = json.loads((art / "eval" / "metrics.json").read_text())
     assert metrics["splits"]["test"]["n"] == 20 and metrics["summary"]["hr@200"] is not None
     assert (art / "eval" / "report.md").exists() and (art / "eval" / "hr_at_k.png").exists()
