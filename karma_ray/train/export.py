@@ -45,8 +45,7 @@ def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: Kar
 class EmbedItems:
     """Ray Data callable class: item ids -> e_i at full depth, with the run's trained weights (one model per actor)."""
 
-    def __init__(self, config: dict[str, Any], data_dir: str, weights: bytes | ray.ObjectRef, batch_size: int,
-                 threads: int = 0):
+    def __init__(self, config: dict[str, Any], data_dir: str, weights: ray.ObjectRef, batch_size: int, threads: int = 0):
         from safetensors.torch import load as load_bytes
 
         from karma_ray.progress import quiet_worker_logs
@@ -54,9 +53,7 @@ class EmbedItems:
         quiet_worker_logs()
         cfg = KarmaConfig.from_dict(config)
         self.model, tok = build_model(cfg.model, cfg.loss)
-        if isinstance(weights, ray.ObjectRef):
-            weights = ray.get(weights)
-        self.model.load_trainable_state(load_bytes(weights), "the exported checkpoint")
+        self.model.load_trainable_state(load_bytes(ray.get(weights)), "the exported checkpoint")
         self.builder = PromptBuilder(tok, ItemCatalog(load_items(data_dir, cfg.model.image_dim)), cfg.data,
                                      cfg.model.image_dim)
         self.batch_size, self.threads = batch_size, threads
