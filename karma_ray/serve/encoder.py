@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from karma_ray.serve.versions import HeldVersions
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 8
+STATS_KEPT = 2000  # recent batches / calls the profiling figures cover
 WARMUP_PROMPTS = (("running shoes", []), ("", []), ("a longer warm-up query about a rain jacket", []))
 
 
@@ -218,9 +220,11 @@ class InterestEncoder:
 
         self.device = torch.device("cpu")
         self.max_new_tokens = 24
-        self.batch_sizes: list[int] = []  # recent batch sizes and forward times, for profiling (`info`)
-        self.forward_ms: list[float] = []
-        self.held_ms: list[float] = []  # admitted encode calls: arrival at this replica → answer (wait + forward)
+        # Recent batch sizes and forward times, and admitted encode calls' time here (arrival → answer),
+        # for profiling (`info`): bounded deques, appended on the serving path without a copy.
+        self.batch_sizes: deque[int] = deque(maxlen=STATS_KEPT)
+        self.forward_ms: deque[float] = deque(maxlen=STATS_KEPT)
+        self.held_ms: deque[float] = deque(maxlen=STATS_KEPT)
         self.batcher = MicroBatcher(self._embed_items, DEFAULT_MAX_BATCH_SIZE, self._record_batch)
         self.versions = HeldVersions(self._load, artifact)
         self._explain_slots = asyncio.Semaphore(1)
@@ -290,8 +294,8 @@ class InterestEncoder:
         return self._embed_mixed(list(artifacts), list(queries), [list(h) for h in histories])
 
     def _record_batch(self, size: int, ms: float) -> None:
-        self.batch_sizes = (self.batch_sizes + [size])[-2000:]
-        self.forward_ms = (self.forward_ms + [ms])[-2000:]
+        self.batch_sizes.append(size)
+        self.forward_ms.append(ms)
 
     async def encode(self, artifact: str, query: str, history: list[int]) -> tuple[np.ndarray, str]:
         """((d,) float32 unit vector, version). History ids must be known (the ingress filters them).
@@ -315,7 +319,7 @@ class InterestEncoder:
             out = await self.batcher.submit((artifact, query or "", list(history)))
         finally:
             self.pending -= 1
-        self.held_ms = (self.held_ms + [(time.perf_counter() - t0) * 1000])[-2000:]
+        self.held_ms.append((time.perf_counter() - t0) * 1000)
         return out
 
 
@@ -387,4 +391,6 @@ class InterestEncoder:
 
     def reset_stats(self) -> None:
         """Forget recorded batch sizes and forward times (a benchmark measures one phase at a time)."""
-        self.batch_sizes, self.forward_ms, self.held_ms, self.rejected = [], [], [], 0
+        for stats in (self.batch_sizes, self.forward_ms, self.held_ms):
+            stats.clear()
+        self.rejected = 0
