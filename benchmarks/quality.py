@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,19 @@ def base_config(args: argparse.Namespace):
     return cfg.with_overrides(args.overrides + ["train.artifacts_dir=artifacts/quality"]).with_absolute_paths()
 
 
+# Train fields that change no trained weight: names and places, and diagnostics that only read the model.
+NOT_FINGERPRINTED = ("seed", "name", "storage_path", "artifacts_dir", "log_every", "checkpoint_every", "max_failures",
+                     "probe_every", "probe_prompts", "sink_alarm_ratio", "valid_every", "update_share_every")
+
+
 def fingerprint(cfg) -> str:
-    """Parts merge only with parts of the same configuration (seeds, run names and the serving index aside:
-    the evaluation scores every item exactly, so the FAISS settings never reach a metric) and of where the
-    clone lives: paths count relative to the repository, and output folders not at all."""
+    """Parts merge only with parts of the same configuration (seeds, run names, what a run only measures or
+    logs, and the serving index aside: the evaluation scores every item exactly, so the FAISS settings never
+    reach a metric) and of where the clone lives: paths count relative to the repository, output folders not
+    at all."""
     d = cfg.to_dict()
     d.pop("index", None)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "name", "storage_path", "artifacts_dir")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in NOT_FINGERPRINTED}
     for name in ("path", "cache_dir"):
         if d["data"].get(name) and Path(d["data"][name]).is_relative_to(REPO):
             d["data"][name] = str(Path(d["data"][name]).relative_to(REPO))
@@ -189,6 +196,7 @@ def markdown(r: dict[str, Any], tag: str) -> str:
     for t in r["targets"]:
         extra = f" (paired CI {t['paired_ci']})" if t.get("paired_ci") else ""
         lines.append(f"| {t['measure']} | {t['target']} | {t['value']}{extra} | {t.get('row', '')} | {'yes' if t['met'] else 'no'} |")
+    lines += update_share_table(r["details"])
     lines += ["", "## Per seed (test, 95% cluster-bootstrap CIs)", "",
               "| arm | seed | HR@10 | HR@50 | HR@50 cold | train s | eval s | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
     for arm, seeds in r["details"].items():
@@ -205,6 +213,24 @@ def markdown(r: dict[str, Any], tag: str) -> str:
     return "\n".join(lines)
 
 
+def update_share_table(details: dict[str, Any]) -> list[str]:
+    """Each loss's share of AdamW's step (÷ √v̂), averaged over a run's readings and the seeds."""
+    rows = []
+    for arm, seeds in details.items():
+        readings = [u for m in seeds.values() for u in m.get("update_shares") or []]
+        if readings:
+            keys = sorted({k for u in readings for k in u if k != "update_share_step"})
+            mean = {k: statistics.mean(u[k] for u in readings if k in u) for k in keys}
+            rows.append(f"| {arm} | {len(readings)} | " + "; ".join(
+                f"{k.removeprefix('update_')} {v:.3f}" for k, v in mean.items()) + " |")
+    if not rows:
+        return []
+    return ["", "## Which loss moves the weights (train.update_share_every)", "",
+            "Each weighted loss's gradient scaled as AdamW scales it (÷ √v̂), as a share of Σ‖u_k‖² per parameter group "
+            "(lm = trainable top layers, heads = KARMA heads), and the cosine of u_gen / u_rec with u_act; mean over "
+            "the run's readings and seeds.", "", "| arm | readings | shares and cosines |", "|---|---|---|", *rows]
+
+
 def write_report(out: Path, tag: str, r: dict[str, Any]) -> None:
     notes = out / f"{tag}_investigation.md"
     text = markdown(r, tag)
@@ -214,8 +240,6 @@ def write_report(out: Path, tag: str, r: dict[str, Any]) -> None:
 
 
 def plots(r: dict[str, Any], out: Path, stem: str) -> None:
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +271,7 @@ def plots(r: dict[str, Any], out: Path, stem: str) -> None:
     pop = r["arms"].get("popularity", {}).get("valid", {}).get("hr@50")
     if pop:
         ax.axhline(pop, color="grey", ls="--", label="popularity")
-    ax.set(xscale="symlog", xlabel="training rows seen", ylabel="validation HR@50", title="learning curves (validation)")
+    ax.set(xlabel="training rows seen", ylabel="validation HR@50", title="learning curves (validation)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / f"{stem}_learning_curve.png", dpi=110)

@@ -142,6 +142,10 @@ class TrainConfig:
     # validation prompts (trunk cache only; no prior): the learning curve against rows seen. 0 = off.
     valid_every: int = 0
     sink_alarm_ratio: float = 1.5
+    # Every `update_share_every` steps rank 0 splits the optimiser's step by loss: each weighted loss's
+    # gradient, scaled the way AdamW scales it (÷ the running RMS), as a share of the whole, per
+    # parameter group, and the cosine of the knowledge losses' steps with L_act's. 0 = off.
+    update_share_every: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -160,6 +164,7 @@ class TrainConfig:
         _check(self.torch_threads >= 0, "train.torch_threads must be >= 0")
         _check(self.probe_every >= 0 and self.probe_prompts >= 1, "train.probe_every must be >= 0 and probe_prompts >= 1")
         _check(self.valid_every >= 0, "train.valid_every must be >= 0")
+        _check(self.update_share_every >= 0, "train.update_share_every must be >= 0")
         _check(self.sink_alarm_ratio > 1.0, "train.sink_alarm_ratio must be > 1")
 
 
@@ -341,7 +346,7 @@ def _ml100k() -> KarmaConfig:
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5, act="infonce", cross_row_hard_negatives=False),
         train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=450, warmup_steps=20, log_every=25,
                           checkpoint_every=150, lr=1e-4, precision="bf16", name="ml100k", probe_every=75,
-                          valid_every=150),
+                          valid_every=150, update_share_every=75),
         index=IndexConfig(kind="flat"),
     )
 

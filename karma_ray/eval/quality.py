@@ -121,7 +121,9 @@ def _trained(ctx: Context, arm: str, seed: int, log) -> dict[str, Any]:
         "learning_curve": ([{"rows_seen": 0, "valid_hr@50": first["valid_hr@50_step0"]}] if "valid_hr@50_step0" in first else [])
         + [{"rows_seen": r["valid_step"] * cfg.train.batch_size * cfg.train.num_workers, "valid_hr@50": r["valid_hr@50"]}
            for r in history if "valid_step" in r],
-        "loss_history": [{k: r.get(k) for k in ("step", "act", "gen", "rec", "sink_rate")} for r in history]}
+        "loss_history": [{k: r.get(k) for k in ("step", "act", "gen", "rec", "sink_rate")} for r in history],
+        "update_shares": [{k: v for k, v in r.items() if k.startswith("update_")} for r in history
+                          if "update_share_step" in r]}
 
 
 # ---- merging parts ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from karma_ray.config import KarmaConfig
@@ -247,6 +248,47 @@ def _collapse_reading(model: KarmaModel, probe: dict[str, torch.Tensor], base: d
             "collapse_alarm": float(alarm)}
 
 
+# ---- which loss moves the weights ----------------------------------------------------------
+def update_shares(model: KarmaModel, batch: dict[str, torch.Tensor], opt, cfg: KarmaConfig,
+                  autocast) -> dict[str, float]:
+    """Split the optimiser's step by loss on one batch: u_k = λ_k·∇L_k ÷ (√v̂ + ε), AdamW's per-parameter
+    scaling with its current second moment v̂, for k in act/gen/rec(/img).
+
+    Raw gradient norms mislead under Adam: a loss with small gradients on parameters the other losses leave
+    still gets full-size steps there. Reported per parameter group (lm = the trainable top layers, heads)
+    as each loss's share of Σ_k ‖u_k‖², and the cosine of u_gen and u_rec with u_act (< 0: they pull
+    against the action loss). Runs the unwrapped model with `torch.autograd.grad`, so no gradient is
+    accumulated and DDP's reducer never fires: call it on one rank, between optimiser steps.
+    """
+    named = [(g["name"], g["betas"][1], p) for g in opt.param_groups for p in g["params"]]
+    was = model.training
+    model.train()
+    with autocast:
+        out = model(batch)
+    model.train(was)
+    weights = {"act": 1.0, "gen": cfg.loss.lambda_gen, "rec": cfg.loss.lambda_rec, "img": cfg.loss.lambda_img}
+    losses = {k: w * out[k] for k, w in weights.items() if k in out and w > 0}
+    scaled: dict[str, dict[str, list[torch.Tensor]]] = {}  # loss -> group -> [u of each parameter, flat]
+    for k, loss in losses.items():
+        grads = torch.autograd.grad(loss, [p for *_, p in named], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)  # zeros where loss k does not reach: aligned vectors
+        for (group, beta2, p), g in zip(named, grads):
+            st = opt.state.get(p, {})
+            if "exp_avg_sq" not in st:  # before the optimiser's first step
+                continue
+            v_hat = st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))
+            scaled.setdefault(k, {}).setdefault(group, []).append((g.float() / (v_hat.sqrt() + 1e-8)).flatten())
+    shares: dict[str, float] = {}
+    for group in {g for per in scaled.values() for g in per}:
+        u = {k: torch.cat(per[group]) for k, per in scaled.items() if group in per}
+        total = sum(float(v.pow(2).sum()) for v in u.values())
+        for k, v in u.items():
+            shares[f"update_share_{group}_{k}"] = float(v.pow(2).sum()) / max(total, 1e-30)
+            if k != "act" and "act" in u:
+                shares[f"update_cos_{group}_act_{k}"] = float(F.cosine_similarity(u["act"], v, dim=0))
+    return shares
+
+
 # ---- the loop ------------------------------------------------------------------------------
 def train_step(ddp_model, model: KarmaModel, batch: dict[str, torch.Tensor], opt, sched, cfg: KarmaConfig,
                autocast) -> dict[str, torch.Tensor]:
@@ -359,6 +401,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 reading.update(_collapse_reading(model, probe, probe_base, cfg.train.sink_alarm_ratio, step))
             if validate and (step % cfg.train.valid_every == 0 or last):
                 reading.update({"valid_hr@50": inputs.valid_hr(model), "valid_step": step})
+            if cfg.train.update_share_every and rank == 0 and not fsdp and step % cfg.train.update_share_every == 0:
+                reading.update(update_shares(model, batch, opt, cfg, autocast) | {"update_share_step": step})
             for k in LOSS_KEYS:
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach())

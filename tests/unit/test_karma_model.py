@@ -109,6 +109,29 @@ def test_frozen_parameters_stay_bit_identical_through_training_steps():
     assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
 
 
+def test_update_shares_split_adams_step_by_loss_and_leave_no_gradient():
+    """Nothing before Adam has a second moment; after, the shares of each group sum to 1, and no .grad is
+    left behind (the diagnostic must not leak into the next optimiser step)."""
+    from contextlib import nullcontext
+
+    from karma_ray.train.loop import param_groups, update_shares
+
+    model, tok = build_model(CFG.model, CFG.loss)
+    builder = PromptBuilder(tok, ITEMS, CFG.data)
+    batch = batch_for(builder, ROWS)
+    opt = torch.optim.AdamW(param_groups(model, CFG), lr=1e-3)
+    assert update_shares(model, batch, opt, CFG, nullcontext()) == {}  # no second moment before the first step
+    model(batch)["loss"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    shares = update_shares(model, batch, opt, CFG, nullcontext())
+    for group in ("lm", "heads"):
+        total = sum(v for k, v in shares.items() if k.startswith(f"update_share_{group}_"))
+        assert total == pytest.approx(1.0, abs=1e-5), group
+        assert -1.0 <= shares[f"update_cos_{group}_act_gen"] <= 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_training_starts_from_the_frozen_readout():
     """init_readout: W = I and b = −W·mean, so h·e at step 0 is the centred cosine of the pooled states."""
     model, tok = build_model(CFG.model.__class__(**{**dataclasses.asdict(CFG.model), "emb_dim": 0}), CFG.loss)
