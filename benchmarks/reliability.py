@@ -14,6 +14,7 @@ SECTIONS). The JSON keys outside checks read:
   rollout         {"requests", "failed", "mixed_versions"}
   serve_overhead  {"p50_ms_serve", "p50_ms_inprocess", "p50_ms_noop_chain", "mean_batch_size_16_clients"}
   resume          {"loss_delta", "hr@10_delta"}  (train workers killed mid-run vs an unbroken run)
+  batch_tradeoff  {"settings": [{"max_wait_forwards", "mean_batch_size_16_clients", "p99_ratio", ...}]}
 plus "calibration" (capacity and the steady load every section uses) and "machine" (CPUs and
 load averages; each section also records its own before and after).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import shutil
@@ -298,9 +300,46 @@ def section_resume(bench: Bench) -> dict[str, Any]:
         return resume_drill(cfg, Path(tmp) / "runs").summary()
 
 
+def section_batch_tradeoff(bench: Bench) -> dict[str, Any]:
+    """The encoder's batch against served latency at 16 closed-loop clients, for each `max_wait_forwards`
+    in `--tradeoff-waits` (max_batch_size raised so only that bound limits the batch), each with its own
+    light-load baseline p99: does a mean batch > 2 come with served p99 ≤ 2× the baseline on this machine?
+    The config is restored afterwards."""
+    a = bench.args
+    shipped = harness.user_configs(bench.config)["InterestEncoder"]
+    light_seconds = max(a.phase_seconds, a.light_samples / max(bench.light_qps, 1e-3))
+    rows = []
+    try:
+        for wait in [float(w) for w in a.tradeoff_waits.split(",") if w]:
+            cfg = copy.deepcopy(bench.config)
+            harness.set_deployment_fields(cfg, "InterestEncoder", {"user_config": {
+                "max_wait_forwards": wait, "max_batch_size": max(int(shipped.get("max_batch_size", 3)), int(wait) + 2),
+                "max_pending": max(int(shipped.get("max_pending", 6)), 2 * (int(wait) + 2))}})
+            harness.deploy_config(cfg)
+            base = load(bench, bench.light_qps, light_seconds)
+            _reset_encoder_stats()
+            burst = harness.closed_loop(bench.url, bench.requests, clients=16, seconds=a.batch_seconds)
+            enc = encoder_facts()
+            sizes = [(m, n) for m, n in zip(enc["mean_batch_size"], enc["batches"]) if m]
+            base_p99, served_p99 = pct(latencies(base["records"]), 99), pct(burst["latencies_ms"], 99)
+            rows.append({"max_wait_forwards": wait, "mean_batch_size_16_clients":
+                         round(sum(m * n for m, n in sizes) / max(1, sum(n for _, n in sizes)), 2),
+                         "p99_ms_baseline": base_p99, "p50_ms_served_16": pct(burst["latencies_ms"], 50),
+                         "p99_ms_served_16": served_p99,
+                         "p99_ratio": round(served_p99 / base_p99, 2) if base_p99 and served_p99 else None,
+                         "served_qps_16": round(burst["qps"], 2), "status_counts_16": burst["status_counts"],
+                         "forward_ms_by_size": enc["forward_ms_by_size"]})
+            print(f"  batch_tradeoff: {json.dumps({k: v for k, v in rows[-1].items() if k != 'forward_ms_by_size'})}")
+    finally:
+        harness.deploy_config(bench.config)
+    return {"settings": rows, "shipped_max_wait_forwards": shipped.get("max_wait_forwards")}
+
+
+
 SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "fuzz": section_fuzz, "serve_overhead": section_serve_overhead, "overload": section_overload,
     "replica_kill": section_replica_kill, "rollout": section_rollout, "resume": section_resume,
+    "batch_tradeoff": section_batch_tradeoff,
 }
 
 
@@ -321,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery-seconds", type=float, default=10.0)
     p.add_argument("--kill-seconds", type=float, default=40.0)
     p.add_argument("--rollout-seconds", type=float, default=90.0)
+    p.add_argument("--tradeoff-waits", default="2,3,4,6", help="batch_tradeoff: encoder max_wait_forwards values")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
@@ -375,6 +415,11 @@ def report_md(r: dict[str, Any]) -> str:
         for k, v in r[name].items():
             if not isinstance(v, (dict, list)):
                 lines.append(f"| {k} | {v} |")
+        rows = r[name].get("settings") if isinstance(r[name].get("settings"), list) else []
+        if rows:  # one table row per setting (its flat figures)
+            cols = [k for k, v in rows[0].items() if not isinstance(v, (dict, list))]
+            lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(str(row.get(c)) for c in cols) + " |" for row in rows]
         nested = {k: v for k, v in r[name].items() if isinstance(v, (dict, list))}
         if nested:
             lines += ["", "```json", json.dumps(nested, indent=1, default=float)[:3000], "```"]
