@@ -110,16 +110,25 @@ def section_serve_overhead(bench: Bench) -> dict[str, Any]:
     loop.close()
     _reset_encoder_stats()
     burst = harness.closed_loop(bench.url, bench.requests, clients=16, seconds=bench.args.batch_seconds)
-    infos = harness.replica_info("InterestEncoder")
-    sizes = [(i["mean_batch_size"], i["batches"]) for i in infos if i["mean_batch_size"]]
-    mean_batch = sum(m * n for m, n in sizes) / max(1, sum(n for _, n in sizes))
+    facts = encoder_facts()
     return {"p50_ms_serve": pct(times["serve"], 50), "p50_ms_inprocess": pct(times["inprocess"], 50),
-            "p50_ms_noop_chain": pct(times["noop"], 50), "mean_batch_size_16_clients": round(mean_batch, 2),
+            "p50_ms_noop_chain": pct(times["noop"], 50), "mean_batch_size_16_clients": mean_batch(facts),
             "overhead_p50_ms": round(pct(times["serve"], 50) - pct(times["inprocess"], 50), 2),
             "p99_ms": {k: pct(v, 99) for k, v in times.items()}, "requests_per_path": len(reqs),
             "closed_loop_16": {"qps": round(burst["qps"], 2), "status_counts": burst["status_counts"],
                                "p50_ms": pct(burst["latencies_ms"], 50), "p99_ms": pct(burst["latencies_ms"], 99)},
-            "encoder_replicas_seen": len(infos)}
+            "encoder_replicas_seen": facts["replicas"]}
+
+
+def light_seconds(bench: Bench) -> float:
+    """A light phase long enough for `light_samples` requests: a p99 of a few samples is only their max."""
+    return max(bench.args.phase_seconds, bench.args.light_samples / max(bench.light_qps, 1e-3))
+
+
+def mean_batch(facts: dict[str, Any]) -> float:
+    """The encoder replicas' mean batch size, weighted by their batch counts (from `encoder_facts`)."""
+    sizes = [(m, n) for m, n in zip(facts["mean_batch_size"], facts["batches"]) if m]
+    return round(sum(m * n for m, n in sizes) / max(1, sum(n for _, n in sizes)), 2)
 
 
 def _reset_encoder_stats() -> None:
@@ -153,16 +162,16 @@ def section_overload(bench: Bench) -> dict[str, Any]:
     """Baseline at a light rate, then `overload_factor` × the measured capacity, then idle, then the
     light rate again; with each phase's stage times and the encoder's batches, to show where time goes."""
     a = bench.args
-    light_seconds = max(a.phase_seconds, a.light_samples / max(bench.light_qps, 1e-3))  # a p99 of a few is a max
+    light_s = light_seconds(bench)
     _reset_encoder_stats()
-    base = load(bench, bench.light_qps, light_seconds)
+    base = load(bench, bench.light_qps, light_s)
     encoder_base = encoder_facts()
     _reset_encoder_stats()
     offered = a.offered_qps or round(max(4 * bench.light_qps, a.overload_factor * bench.capacity_qps), 1)
     over = load(bench, offered, a.phase_seconds)
     encoder_over = encoder_facts()
     time.sleep(a.recovery_seconds)
-    after = load(bench, bench.light_qps, light_seconds)
+    after = load(bench, bench.light_qps, light_s)
     recs = [r for r in over["records"] if r.get("status") != "skipped"]
     n = max(1, len(recs))
     n503 = sum(r.get("status") == 503 for r in recs)
@@ -175,7 +184,7 @@ def section_overload(bench: Bench) -> dict[str, Any]:
             "p99_ms_after_recovery": pct(latencies(after["records"]), 99),
             "capacity_qps_16_clients": bench.capacity_qps, "light_qps": bench.light_qps,
             "status_counts": over["steps"][0]["status_counts"], "seconds_per_phase": a.phase_seconds,
-            "seconds_per_light_phase": round(light_seconds, 1),
+            "seconds_per_light_phase": round(light_s, 1),
             "baseline_status_counts": base["steps"][0]["status_counts"],
             "after_status_counts": after["steps"][0]["status_counts"],
             "stages_ms": {"baseline": stage_percentiles(base["records"]), "overload": stage_percentiles(recs),
@@ -307,7 +316,6 @@ def section_batch_tradeoff(bench: Bench) -> dict[str, Any]:
     The config is restored afterwards."""
     a = bench.args
     shipped = harness.user_configs(bench.config)["InterestEncoder"]
-    light_seconds = max(a.phase_seconds, a.light_samples / max(bench.light_qps, 1e-3))
     rows = []
     try:
         for wait in [float(w) for w in a.tradeoff_waits.split(",") if w]:
@@ -316,14 +324,12 @@ def section_batch_tradeoff(bench: Bench) -> dict[str, Any]:
                 "max_wait_forwards": wait, "max_batch_size": max(int(shipped.get("max_batch_size", 3)), int(wait) + 2),
                 "max_pending": max(int(shipped.get("max_pending", 6)), 2 * (int(wait) + 2))}})
             harness.deploy_config(cfg)
-            base = load(bench, bench.light_qps, light_seconds)
+            base = load(bench, bench.light_qps, light_seconds(bench))
             _reset_encoder_stats()
             burst = harness.closed_loop(bench.url, bench.requests, clients=16, seconds=a.batch_seconds)
             enc = encoder_facts()
-            sizes = [(m, n) for m, n in zip(enc["mean_batch_size"], enc["batches"]) if m]
             base_p99, served_p99 = pct(latencies(base["records"]), 99), pct(burst["latencies_ms"], 99)
-            rows.append({"max_wait_forwards": wait, "mean_batch_size_16_clients":
-                         round(sum(m * n for m, n in sizes) / max(1, sum(n for _, n in sizes)), 2),
+            rows.append({"max_wait_forwards": wait, "mean_batch_size_16_clients": mean_batch(enc),
                          "p99_ms_baseline": base_p99, "p50_ms_served_16": pct(burst["latencies_ms"], 50),
                          "p99_ms_served_16": served_p99,
                          "p99_ratio": round(served_p99 / base_p99, 2) if base_p99 and served_p99 else None,
