@@ -15,7 +15,7 @@ import torch
 from karma_ray.data.catalog import ItemCatalog
 from karma_ray.data.prompts import IGNORE
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: rows computed in length-sorted chunks (a row's bf16 states depend on its chunk's width)
 DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32)}  # torch dtype, byte view
 
 
