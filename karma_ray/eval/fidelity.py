@@ -121,6 +121,8 @@ class FidelityProbe:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=self.lr)
+        # P is fitted in the precision the arm trained in: the refit is most of an evaluation, and bf16 cuts it by a quarter.
+        autocast = torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         rng = np.random.default_rng(self.eval_cfg.seed)
         losses = []
         model.train()
@@ -128,7 +130,8 @@ class FidelityProbe:
             for _ in range(self.eval_cfg.fidelity_fit_steps):
                 b = torch.from_numpy(rng.choice(len(h), size=min(self.batch_size, len(h)), replace=False))
                 width = int(mask[b].sum(1).max())
-                loss = model.reconstruction_loss(h[b], states[b, :width], mask[b, :width], labels[b, :width])
+                with autocast:
+                    loss = model.reconstruction_loss(h[b], states[b, :width], mask[b, :width], labels[b, :width])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

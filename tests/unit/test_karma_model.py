@@ -304,3 +304,30 @@ def test_trim_padding_gives_targets_and_negatives_one_width():
     assert out["pos_mask"].shape == (B, 5) and out["neg_mask"].shape == (B, N, 5)
     assert out["int_mask"].shape == (B, 2) and out["int_states"].shape == (B, 2, d)
     assert torch.cat([out["pos_mask"], out["neg_mask"].reshape(B * N, -1)]).shape == (B + B * N, 5)
+
+
+def test_fidelity_refit_moves_only_the_prefix_in_the_arms_training_precision(tiny_data):
+    """The fair-fidelity probe refits P alone (every other weight and flag left as found), under bf16
+    autocast when the arm trained in bf16: its first loss is the fp32 one to bf16 rounding, not equal."""
+    import numpy as np
+
+    from karma_ray.data.catalog import ItemCatalog
+    from karma_ray.data.events import load_items
+    from karma_ray.eval.fidelity import FidelityProbe
+
+    first = {}
+    for precision in ("fp32", "bf16"):
+        cfg = CFG.with_overrides([f"data.path={tiny_data}", f"train.precision={precision}", "eval.fidelity_fit_steps=4"])
+        torch.manual_seed(0)  # the same model in both precisions
+        model, tok = build_model(cfg.model, cfg.loss)
+        probe = FidelityProbe(PromptBuilder(tok, ItemCatalog(load_items(cfg.data_dir, 0)), cfg.data), cfg.data_dir, cfg,
+                              cfg.eval, n_train=16, batch_size=8)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        losses = probe.refit(model)
+        assert len(losses) == 4 and np.isfinite(losses).all()
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+        assert changed and all(k.startswith("prefix.") for k in changed), changed
+        assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+        first[precision] = losses[0]
+    assert first["bf16"] != first["fp32"] and first["bf16"] == pytest.approx(first["fp32"], rel=0.05)
