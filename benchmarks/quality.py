@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p for p in (json.loads(f.read_text()) for f in sorted(parts_dir.glob("*.json"))) if p.get("fingerprint") == fp]
     if not parts:
         raise SystemExit(f"no parts of this configuration ({fp}) in {parts_dir}")
-    budget = budget_of(cfg, ctx, cache_s, seeds, args)
+    merged_seeds = sorted({p["seed"] for p in parts if p["arm"] in MULTI_SEED}) or seeds[:1]  # what the report holds
+    budget = budget_of(cfg, ctx, cache_s, merged_seeds, args)
     result = merge(parts, ctx, budget)
     result["budget"]["total_seconds"] = round(sum(p["metrics"]["seconds"] for p in parts) + (cache_s or 0), 1)
     out = Path(args.out)
