@@ -2,7 +2,6 @@
 the very bytes a hit returns (so every arm and seed trains on the same states, whichever built them)."""
 from __future__ import annotations
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -44,7 +43,7 @@ def test_cached_states_are_the_trunk_of_each_row(ray_cluster, tiny_cfg):
     """Each cached row is what the frozen trunk computes for that row alone (to float rounding: the build
     runs rows in padded, length-sorted chunks)."""
     from karma_ray.cache.build import ensure_cache
-    from karma_ray.cache.store import DTYPES
+    from karma_ray.cache.store import from_bytes
     from karma_ray.data.catalog import ItemCatalog
     from karma_ray.data.prompts import PromptBuilder
     from karma_ray.data.events import load_items
@@ -57,10 +56,9 @@ def test_cached_states_are_the_trunk_of_each_row(ray_cluster, tiny_cfg):
     items = _by_kind(cache.root)["items"]
     keys = sorted(items)[:6]
     arr = builder.items_batch(keys)
-    dtype, view = DTYPES[cache.dtype]
     for i, key in enumerate(keys):
         n, blob, _ = items[key]
         assert n == int(arr["mask"][i].sum())
         alone = model.trunk(torch.from_numpy(arr["ids"][i:i + 1, :n]), torch.from_numpy(arr["mask"][i:i + 1, :n]))[0]
-        stored = torch.from_numpy(np.frombuffer(blob, view).copy()).view(dtype).view(n, -1)
+        stored = from_bytes(blob, n, cache.dtype)
         torch.testing.assert_close(stored, alone, rtol=1e-4, atol=1e-5)
