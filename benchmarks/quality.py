@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = base_config(args)
     ensure_prepared(cfg)
     cache, cache_s = None, None
-    if cfg.model.trainable_layers:
+    if cfg.model.trainable_layers and args.merge_only:  # a merge needs the build time, not the states
+        from karma_ray.cache.build import cache_location
+
+        key_file = cache_location(cfg)[1] / "key.json"
+        cache_s = json.loads(key_file.read_text()).get("build_seconds") if key_file.exists() else None
+    elif cfg.model.trainable_layers:
         from karma_ray.cache.build import ensure_cache
 
         ensure_ray()

@@ -179,25 +179,28 @@ def _build(cfg: KarmaConfig, data_dir: Path, out: Path, progress: bool) -> float
     return time.perf_counter() - t0
 
 
-def ensure_cache(cfg: KarmaConfig, progress: bool = True) -> TrunkCache:
-    """The config's trunk cache: reused when its key matches, else built now (Ray must be connected)."""
+def cache_location(cfg: KarmaConfig) -> tuple[dict, Path]:
+    """(key, directory) of the config's trunk cache, whether or not it is built (no Ray, no trunk pass)."""
     from karma_ray.models.karma import build_model
 
     if not cfg.model.trainable_layers:
         raise ValueError("the trunk cache needs a frozen trunk: set model.trainable_layers > 0")
-    data_dir = cfg.data_dir
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = json.loads((cfg.data_dir / "meta.json").read_text())
     model, _ = build_model(cfg.model, cfg.loss)
     key = cache_key(cfg, model.frozen_fingerprint(), meta["data_hash"])
-    del model
-    root = cache_root(cfg) / key_hash(key)
+    return key, cache_root(cfg) / key_hash(key)
+
+
+def ensure_cache(cfg: KarmaConfig, progress: bool = True) -> TrunkCache:
+    """The config's trunk cache: reused when its key matches, else built now (Ray must be connected)."""
+    key, root = cache_location(cfg)
     if (root / "key.json").exists():
         log.info("trunk cache hit: %s", root)
         return TrunkCache(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        seconds = round(_build(cfg, data_dir, stage, progress), 1)
+        seconds = round(_build(cfg, cfg.data_dir, stage, progress), 1)
         (stage / "key.json").write_text(json.dumps(key | {"build_seconds": seconds}, indent=2))
         stage.rename(root)
     finally:
@@ -206,4 +209,4 @@ def ensure_cache(cfg: KarmaConfig, progress: bool = True) -> TrunkCache:
     return TrunkCache(root)
 
 
-__all__ = ["ensure_cache", "TrunkStates"]
+__all__ = ["cache_location", "ensure_cache", "TrunkStates"]
