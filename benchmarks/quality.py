@@ -204,7 +204,7 @@ def markdown(r: dict[str, Any], tag: str) -> str:
         lines.append(f"| {t['measure']} | {t['target']} | {t['value']}{extra} | {t.get('row', '')} | {'yes' if t['met'] else 'no'} |")
     lines += update_share_table(r["details"])
     lines += ["", "## Per seed (test, 95% cluster-bootstrap CIs)", "",
-              "| arm | seed | HR@10 | HR@50 | HR@50 cold | train s | eval s | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
+              "| arm | seed | HR@10 | HR@50 | HR@50 cold | train s | of which optimiser steps | eval s | load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, seeds in r["details"].items():
         for s, m in seeds.items():
             t, c = m["splits"]["test"], m["splits"].get("test_cold", {})
@@ -212,7 +212,7 @@ def markdown(r: dict[str, Any], tag: str) -> str:
             def ci(x, k):
                 return f"{_f(x.get(f'hr@{k}'))} [{_f(x[f'hr@{k}_ci95'][0], 3)}, {_f(x[f'hr@{k}_ci95'][1], 3)}]" if x.get(f"hr@{k}") is not None else "–"
             lines.append(f"| {arm} | {s} | {ci(t, 10)} | {ci(t, 50)} | {ci(c, 50)} | {m.get('train_seconds', '–')} | "
-                         f"{m.get('eval_seconds', '–')} | {m['load_before'][0]:.1f} → {m['load_after'][0]:.1f} |")
+                         f"{m.get('train_time', {}).get('optimizer_steps_s', '–')} | {m.get('eval_seconds', '–')} | {m['load_before'][0]:.1f} → {m['load_after'][0]:.1f} |")
     lines += ["", "## Budget", "", "```json", json.dumps(b, indent=1), "```", "",
               f"![HR@K]({tag}_hr_at_k.png)", f"![learning curves]({tag}_learning_curve.png)", f"![sink]({tag}_sink.png)",
               f"![fidelity]({tag}_fidelity.png)", ""]

@@ -123,7 +123,20 @@ def _trained(ctx: Context, arm: str, seed: int, log) -> dict[str, Any]:
            for r in history if "valid_step" in r],
         "loss_history": [{k: r.get(k) for k in ("step", "act", "gen", "rec", "sink_rate")} for r in history],
         "update_shares": [{k: v for k, v in r.items() if k.startswith("update_")} for r in history
-                          if "update_share_step" in r]}
+                          if "update_share_step" in r],
+        "train_time": train_time(history, train_s)}
+
+
+def train_time(history: list[dict[str, Any]], train_s: float) -> dict[str, float]:
+    """Where an arm's training seconds went: optimiser steps alone, the loop (steps plus validation, probes
+    and checkpoints), and the rest (Ray start-up, model load, export of the artifact)."""
+    steps = loop = 0.0
+    prev = 0
+    for r in history:
+        if "step" in r and "step_s" in r:
+            n = r["step"] - prev
+            steps, loop, prev = steps + r.get("optim_step_s", 0.0) * n, loop + r["step_s"] * n, r["step"]
+    return {"optimizer_steps_s": round(steps, 1), "loop_s": round(loop, 1), "outside_loop_s": round(train_s - loop, 1)}
 
 
 # ---- merging parts ---------------------------------------------------------------------------

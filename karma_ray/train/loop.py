@@ -372,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 4. The loop: fetch (timed) → forward → backward → clip → step; log, checkpoint. Epochs end when
     #    the stream does (rows the tokeniser rejected never stall it); an empty epoch is an error.
     sums: dict[str, float] = {}
-    wait_s = busy_s = 0.0
+    wait_s = busy_s = optim_s = 0.0  # data wait; all work between fetches; forward→step alone
     tokens = n_steps = 0
     t_last = time.perf_counter()
     epoch, skip = int(state["epoch"]), int(state["batch_in_epoch"])
@@ -393,7 +393,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with torch.no_grad(), autocast:
                     reading.update({f"{k}_step0": float(v) for k, v in ddp_model(batch).items()})
 
+            t_optim = time.perf_counter()
             out = train_step(ddp_model, model, batch, opt, sched, cfg, autocast)
+            optim_s += time.perf_counter() - t_optim
             step += 1
             n_steps += 1
             last = step >= cfg.train.max_steps
@@ -414,6 +416,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics.update(step=step, epoch=epoch, rows_seen=step * cfg.train.batch_size * world,
                                lr=_lr_of(opt, "lm"), resumed_from_step=resumed_from,
                                tokens_per_s=tokens * world / max(elapsed, 1e-9), step_s=elapsed / n_steps,
+                               optim_step_s=optim_s / n_steps,
                                data_wait_frac=wait_s / max(wait_s + busy_s, 1e-9), world_size=world)
                 if tally is not None:
                     metrics["rejected_rows"] = ray.get(tally.total.remote())
@@ -425,7 +428,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     state["probe_base"] = probe_base
                 _report(metrics, model, opt, sched, state, rank, cfg,
                         with_checkpoint=step % cfg.train.checkpoint_every == 0 or last)
-                sums, wait_s, busy_s, tokens, n_steps, t_last = {}, 0.0, 0.0, 0, 0, time.perf_counter()
+                sums, wait_s, busy_s, optim_s, tokens, n_steps, t_last = {}, 0.0, 0.0, 0.0, 0, 0, time.perf_counter()
             if last:
                 return
             t_fetch = time.perf_counter()

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from karma_ray.eval.quality import aggregate, paired
+from karma_ray.eval.quality import aggregate, paired, train_time
 
 
 def _part(test_ranks, cold_ranks, hr50):
@@ -41,3 +41,10 @@ def test_aggregate_averages_seeds_and_records_their_spread():
     row = aggregate({0: _part([], [], 0.5), 1: _part([], [], 0.75)})
     assert row["hr@50"] == 0.625 and row["spread"]["hr@50"] == 0.25 and set(row["seeds"]) == {"0", "1"}
     assert row["training_rows"] == 64
+
+
+def test_train_time_splits_an_arms_seconds_into_steps_loop_and_the_rest():
+    # reports at steps 25 and 50; the second interval carries a validation pass (step_s well above optim_step_s)
+    history = [{"step": 25, "step_s": 1.0, "optim_step_s": 0.8}, {"valid_hr@50_step0": 0.1},
+               {"step": 50, "step_s": 2.0, "optim_step_s": 0.8}]
+    assert train_time(history, train_s=100.0) == {"optimizer_steps_s": 40.0, "loop_s": 75.0, "outside_loop_s": 25.0}
