@@ -31,7 +31,7 @@ demo: install
 	$(PY) jobs/demo.py
 
 test: install prometheus
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
