@@ -328,7 +328,7 @@ def _demo() -> KarmaConfig:
         train=TrainConfig(num_workers=1, torch_threads=2, batch_size=8, max_steps=30, warmup_steps=5, log_every=5,
                           checkpoint_every=15, lr=1e-4, precision="bf16", name="demo"),
         index=IndexConfig(kind="flat"),
-        eval=EvalConfig(max_events=200, max_cold_events=200),
+        eval=EvalConfig(max_events=100, max_cold_events=100),
     )
 
 

@@ -88,6 +88,17 @@ def embed_catalog(cfg: KarmaConfig, weights: bytes, catalog: ItemCatalog, actors
     return emb
 
 
+def embed_cached_catalog(model, cache, catalog: ItemCatalog, cfg: KarmaConfig, progress: bool = True) -> np.ndarray:
+    """(N, emb) item embeddings in catalogue order from the trunk cache: the frozen trunk's output for
+    every item text is already there, so only the trained top layers run, here in the driver (seconds
+    where the full-depth actor pool took most of a minute). The same states the serving trunk computes."""
+    from karma_ray.models.inference import CachedInputs, embed
+
+    image = catalog.image if cfg.model.image_dim else None
+    batches = CachedInputs(cache, cfg.index.embed_batch_size, image).items(catalog.ids)
+    return embed(model, batches, "item", total=len(catalog), desc="embed items", progress=progress)
+
+
 def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str, train_metrics: dict[str, Any],
                     show_progress: bool = True, cache=None, checkpoint_uri: str | None = None) -> str | Path:
     """Checkpoint → <train.artifacts_dir>/<run>/ (a directory, or an s3:// prefix) with encoder, heads, item
@@ -100,7 +111,8 @@ def export_artifact(cfg: KarmaConfig, checkpoint_dir: str | Path, run_name: str,
     data_dir = cfg.data_dir
     catalog = ItemCatalog(load_items(data_dir, cfg.model.image_dim))
     builder = PromptBuilder(tok, catalog, cfg.data, cfg.model.image_dim)
-    item_emb = embed_catalog(cfg, weights, catalog, cfg.index.embed_actors, show_progress)
+    item_emb = (embed_cached_catalog(model, cache, catalog, cfg, show_progress) if cache is not None
+                else embed_catalog(cfg, weights, catalog, cfg.index.embed_actors, show_progress))
     index = build_faiss(item_emb, catalog.ids, cfg.index)
     shards = build_shards(item_emb, catalog.ids, cfg.index, cfg.index.shards) if cfg.index.shards > 1 else []
     metrics = dict(train_metrics) | quick_metrics(model, builder, index, data_dir, cfg, cache)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def rankers_artifact(tiny_cfg, ray_cluster, tmp_path_factory):
-    """A tiny KARMA artifact in its own artifacts dir, so other tests' `latest` link is untouched."""
-    from karma_ray.train.run import run
-
-    root = tmp_path_factory.mktemp("rankers")
-    cfg = tiny_cfg.with_overrides([f"train.artifacts_dir={root / 'artifacts'}", f"train.storage_path={root / 'runs'}"])
-    return run(cfg, run_name="rankers-tiny", show_progress=False)
+def rankers_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """A copy of the session's trained artifact in an artifacts dir of its own, so the session's `latest`
+    link and versions are untouched (a copy, not a second training run: the rankers only read it)."""
+    dst = tmp_path_factory.mktemp("rankers") / "artifacts" / tiny_artifact.name
+    shutil.copytree(tiny_artifact, dst, symlinks=True)
+    return dst
 
 
 def test_train_rankers_reports_saves_into_a_new_version_and_reloads(rankers_artifact):

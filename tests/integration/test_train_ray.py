@@ -74,6 +74,17 @@ def test_artifact_loads_without_pickle_and_its_index_agrees_with_the_embeddings(
     assert isinstance(art.index, faiss.Index)
 
 
+def test_item_embeddings_exported_from_the_cache_are_what_the_full_depth_model_computes(tiny_artifact):
+    """A cached run's export embeds the catalogue from the cached trunk states (only the top runs); serving
+    and refresh embed from text at full depth. Both must give the same e_i."""
+    from karma_ray.models.inference import embed_items
+
+    art = load_artifact(tiny_artifact)
+    ids = art.items.column("item_id").to_numpy()
+    full_depth = embed_items(art.model, art.builder, ids, show_progress=False)
+    np.testing.assert_allclose(art.item_emb, full_depth, atol=1e-4)
+
+
 def test_killed_worker_resumes_with_data_order_and_rng_and_ends_where_an_unbroken_run_does(ray_cluster, tiny_cfg, tmp_path):
     """SIGKILL the training worker after its first checkpoint; Ray Train restarts it from that checkpoint
     (weights, optimiser, RNG, position in the seeded data order). The same seed run without a kill must
