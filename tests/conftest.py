@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, and a run's end, a reported checkpoint and a
+# dead worker are each noticed at a poll, and the suite trains about ten runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
