@@ -18,8 +18,11 @@ pytestmark = pytest.mark.integration
 def rankers_artifact(tiny_artifact, tmp_path_factory) -> Path:
     """A copy of the session's trained artifact in an artifacts dir of its own, so the session's `latest`
     link and versions are untouched (a copy, not a second training run: the rankers only read it)."""
+    from karma_ray.artifact.layout import point_latest
+
     dst = tmp_path_factory.mktemp("rankers") / "artifacts" / tiny_artifact.name
     shutil.copytree(tiny_artifact, dst, symlinks=True)
+    point_latest(dst.parent, dst)  # as its export did: `latest` moves on only from the version it names
     return dst
 
 

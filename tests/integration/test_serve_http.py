@@ -25,10 +25,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
+    # its own artifacts dir, so the session's `latest` (the trained tiny-ddp run) stays put
+    own_cfg = tiny_cfg.with_overrides([f"train.artifacts_dir={tmp_path_factory.mktemp('serve-artifacts')}"])
     if os.environ.get("KARMA_SERVE_TEST_TRAIN") == "1":
         from karma_ray.train.run import run
 
-        return run(tiny_cfg, run_name="serve-test", show_progress=False)
+        return run(own_cfg, run_name="serve-test", show_progress=False)
     from safetensors.torch import save_file
 
     from karma_ray.train.export import export_artifact
@@ -37,7 +39,7 @@ def tiny_artifact(tiny_cfg, ray_cluster, tmp_path_factory) -> Path:
     model, _ = build_model(tiny_cfg.model, tiny_cfg.loss)
     ckpt = tmp_path_factory.mktemp("serve-ckpt")
     save_file(model.trainable_state(), str(ckpt / "model.safetensors"))  # what a training checkpoint holds
-    cfg = tiny_cfg.with_overrides([f"index.shards={SHARDS}"])
+    cfg = own_cfg.with_overrides([f"index.shards={SHARDS}"])
     return export_artifact(cfg, ckpt, "serve-test", {"train": {}}, show_progress=False)
 
 
