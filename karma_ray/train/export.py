@@ -90,8 +90,8 @@ def embed_catalog(cfg: KarmaConfig, weights: bytes, catalog: ItemCatalog, actors
 
 def embed_cached_catalog(model, cache, catalog: ItemCatalog, cfg: KarmaConfig, progress: bool = True) -> np.ndarray:
     """(N, emb) item embeddings in catalogue order from the trunk cache: the frozen trunk's output for
-    every item text is already there, so only the trained top layers run, here in the driver (seconds
-    where the full-depth actor pool took most of a minute). The same states the serving trunk computes."""
+    every item text is already there, so only the trained top layers run, in the driver, on the same
+    states the serving trunk computes."""
     from karma_ray.models.inference import CachedInputs, embed
 
     image = catalog.image if cfg.model.image_dim else None
