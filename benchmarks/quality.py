@@ -90,6 +90,7 @@ def budget_of(cfg, ctx, cache_s: float | None, seeds: list[int], args) -> dict[s
             "cached_train_rows": cfg.data.train_rows, "history_items": cfg.data.history_items,
             "max_prompt_tokens": cfg.data.max_prompt_tokens, "max_negatives": cfg.data.max_negatives,
             "prefix_tokens": cfg.model.prefix_tokens, "lr": cfg.train.lr, "head_lr": cfg.train.head_lr,
+            "readout_lr": cfg.train.readout_lr,
             "precision": cfg.train.precision, "lambda_gen": cfg.loss.lambda_gen, "lambda_rec": cfg.loss.lambda_rec,
             "act": cfg.loss.act, "logq_correction": cfg.loss.logq_correction,
             "cross_row_hard_negatives": cfg.loss.cross_row_hard_negatives, "init_temperature": cfg.loss.init_temperature,

@@ -57,15 +57,20 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+READOUT = ("item_proj", "int_proj")  # KarmaModel's W_e, W_h
+
+
 def param_groups(model: KarmaModel, cfg: KarmaConfig) -> list[dict[str, Any]]:
-    """Trainable LM weights at `lr`, KARMA heads at `head_lr`; no weight decay on norms/biases/scales."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """Trainable LM weights at `lr`, the readout projections W_e/W_h at `readout_lr`, the fresh KARMA heads at
+    `head_lr`; no weight decay on norms/biases/scales."""
+    lrs = {"lm": cfg.train.lr, "readout": cfg.train.readout_lr, "heads": cfg.train.head_lr}
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            is_lm, decay = name.startswith("lm."), p.ndim >= 2
-            groups.setdefault((is_lm, decay), []).append(p)
-    return [{"params": ps, "lr": cfg.train.lr if is_lm else cfg.train.head_lr, "name": "lm" if is_lm else "heads",
-             "weight_decay": cfg.train.weight_decay if decay else 0.0} for (is_lm, decay), ps in groups.items()]
+            kind = "lm" if name.startswith("lm.") else "readout" if name.split(".")[0] in READOUT else "heads"
+            groups.setdefault((kind, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": lrs[kind], "name": kind, "weight_decay": cfg.train.weight_decay if decay else 0.0}
+            for (kind, decay), ps in groups.items()]
 
 
 def lr_lambda(cfg: KarmaConfig):

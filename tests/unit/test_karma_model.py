@@ -109,6 +109,27 @@ def test_frozen_parameters_stay_bit_identical_through_training_steps():
     assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
 
 
+def test_the_readout_learns_at_readout_lr_and_only_the_fresh_heads_at_head_lr():
+    """W_e/W_h start as the frozen model's readout; at head_lr a few Adam steps would outweigh it."""
+    from karma_ray.train.loop import param_groups
+
+    model, _ = build_model(CFG.model, CFG.loss)
+    cfg = CFG.with_overrides(["train.lr=1e-4", "train.readout_lr=3e-4", "train.head_lr=1e-3"])
+    lr_of = {id(p): g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in lr_of, name
+        elif name.startswith("lm."):
+            assert lr_of[id(p)] == 1e-4, name
+        elif name.startswith(("item_proj.", "int_proj.")):
+            assert lr_of[id(p)] == 3e-4, name
+        else:
+            assert lr_of[id(p)] == 1e-3, name
+    assert sum(1 for n, _ in model.named_parameters() if n.startswith("prefix.")) >= 2
+    with pytest.raises(ValueError, match="readout_lr"):
+        CFG.with_overrides(["train.readout_lr=0"])
+
+
 def test_update_shares_split_adams_step_by_loss_and_leave_no_gradient():
     """Nothing before Adam has a second moment; after, the shares of each group sum to 1, and no .grad is
     left behind (the diagnostic must not leak into the next optimiser step)."""
@@ -125,7 +146,7 @@ def test_update_shares_split_adams_step_by_loss_and_leave_no_gradient():
     opt.step()
     opt.zero_grad(set_to_none=True)
     shares = update_shares(model, batch, opt, CFG, nullcontext())
-    for group in ("lm", "heads"):
+    for group in ("lm", "readout", "heads"):
         total = sum(v for k, v in shares.items() if k.startswith(f"update_share_{group}_"))
         assert total == pytest.approx(1.0, abs=1e-5), group
         assert -1.0 <= shares[f"update_cos_{group}_act_gen"] <= 1.0
