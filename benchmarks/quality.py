@@ -176,14 +176,14 @@ def markdown(r: dict[str, Any], tag: str) -> str:
              + ". 95% CIs resample users on warm splits and items on cold splits.", "",
              "## Validation and test, side by side (mean over seeds; no prior)", "",
              "| arm | rows trained | valid HR@50 | test HR@10 | test HR@50 | test HR@200 | valid HR@50 cold | test HR@50 cold | "
-             "sink % | [INT] entropy | fidelity F1 (refit P) | F1 as trained | eff. rank |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sink % | [INT] entropy | fidelity F1 (refit P) | F1 as trained | text nats read from h | eff. rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, m in arms.items():
         v = m.get("valid", {})
         lines.append(f"| {arm} | {m.get('training_rows')} | {_f(v.get('hr@50'))} | {_f(m['hr@10'])} | {_f(m['hr@50'])} | "
                      f"{_f(m['hr@200'])} | {_f(v.get('hr@50_cold'))} | {_f(m['hr@50_cold'])} | {_f(m['sink_rate'], 1)} | "
                      f"{_f(m['int_attn_entropy'], 3)} | {_f(m['fidelity_f1'], 3)} | {_f(m.get('fidelity_f1_as_trained'), 3)} | "
-                     f"{_f(m['effective_rank'], 2)} |")
+                     f"{_f(m.get('recon_gain_nats'), 3)} | {_f(m['effective_rank'], 2)} |")
     lines += ["", "## With the score-time prior α·log(click share) (α chosen on validation per split family)", "",
               "| arm | α warm | α cold | valid HR@50 | test HR@10 | test HR@50 | test HR@50 cold |", "|---|---|---|---|---|---|---|"]
     for arm, seeds in r["details"].items():

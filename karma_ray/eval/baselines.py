@@ -60,22 +60,28 @@ def sasrec_arm(data_dir: str | Path, catalog: ItemCatalog, splits: dict[str, Spl
     return out
 
 
+def frozen_model(cfg: KarmaConfig, readout: str, readout_stats_of):
+    """The untrained LM with `readout` ("mean" or "token") and the centred identity readout training starts from."""
+    from karma_ray.models.karma import build_model
+
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.readout = readout
+    model, _ = build_model(model_cfg, cfg.loss)
+    model.init_readout(*readout_stats_of(model))
+    return model
+
+
 def frozen_arm(cfg: KarmaConfig, inputs, data_dir: str | Path, catalog: ItemCatalog, logq: np.ndarray,
                readout_stats_of, fidelity=None, progress: bool = False) -> dict[str, Any]:
     """The untrained LM with the same centred identity readout training starts from, for each readout;
     the one with the better validation HR@50 is the arm (both are recorded)."""
-    from karma_ray.models.karma import build_model
-
     results = {}
     for readout in ("mean", "token"):
-        model_cfg = copy.deepcopy(cfg.model)
-        model_cfg.readout = readout
-        model, _ = build_model(model_cfg, cfg.loss)
-        model.init_readout(*readout_stats_of(model))
+        model = frozen_model(cfg, readout, readout_stats_of)
         results[readout] = evaluate_encoder(model, inputs, data_dir, cfg.eval, catalog, logq, fidelity, progress)
     pick = max(results, key=lambda r: results[r]["splits"]["valid"][SELECT_METRIC])
     return results[pick] | {"readout": pick, "readout_valid": {  # HR@10/200 too: equal HR@50s can be a tie
         r: {k: m["splits"]["valid"][k] for k in ("hr@10", "hr@50", "hr@200")} for r, m in results.items()}}
 
 
-__all__ = ["frozen_arm", "popularity_arm", "sasrec_arm"]
+__all__ = ["frozen_arm", "frozen_model", "popularity_arm", "sasrec_arm"]

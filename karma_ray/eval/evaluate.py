@@ -222,7 +222,7 @@ def summarize(metrics: dict[str, Any], split_of: dict[str, str] | None = None) -
             "hr@200_cold": cold.get("hr@200"), "sink_rate": att.get("sink_rate"),
             "int_attn_entropy": att.get("int_attn_entropy"), "int_attn_top1": att.get("int_attn_top1"),
             "fidelity_f1": fid.get("fidelity_f1"), "fidelity_f1_as_trained": fid.get("fidelity_f1_as_trained"),
-            "effective_rank": metrics.get("effective_rank")}
+            "recon_gain_nats": fid.get("recon_gain_nats"), "effective_rank": metrics.get("effective_rank")}
 
 
 # ---- report ----------------------------------------------------------------------------------

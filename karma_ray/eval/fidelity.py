@@ -6,6 +6,8 @@ from collections import Counter
 
 import numpy as np
 
+from karma_ray.data.prompts import IGNORE
+
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
@@ -41,7 +43,9 @@ class FidelityProbe:
     action-only low by construction. The probe re-initialises P (seeded), fits it on the arm's frozen h
     of `n_train` training rows for `eval.fidelity_fit_steps` steps (nothing else moves), then greedily
     decodes test h and scores token-F1 against the target text. The arm's weights are left as found;
-    the as-trained F1 (through the arm's own P) is reported beside it.
+    the as-trained F1 (through the arm's own P) is reported beside it. Greedy text shows only the decoder's
+    mode, so it also reports `recon_gain_nats`: the target tokens' L_recon with h shuffled across the test
+    rows minus with each row's own h, the nats a token the decoder actually reads from h.
     """
 
     def __init__(self, builder, data_dir, karma_cfg, eval_cfg, cache=None, n_train: int = 512, batch_size: int = 32,
@@ -52,12 +56,60 @@ class FidelityProbe:
     def __call__(self, model, h_test: np.ndarray, targets: np.ndarray) -> dict:
         n = min(self.eval_cfg.fidelity_samples, len(h_test))
         as_trained, _ = self.decode_f1(model, h_test[:n], targets[:n])
+        gain_as_trained = self.information(model, h_test[:n], targets[:n])["recon_gain_nats"]
         saved = {k: v.detach().clone() for k, v in model.prefix.state_dict().items()}
         losses = self.refit(model) if self.eval_cfg.fidelity_fit_steps else []
         refit, examples = self.decode_f1(model, h_test[:n], targets[:n])
+        info = self.information(model, h_test[:n], targets[:n])
         model.prefix.load_state_dict(saved)
         return {"fidelity_f1": refit, "fidelity_f1_as_trained": as_trained, "n": n, "examples": examples,
-                "fit_steps": self.eval_cfg.fidelity_fit_steps, "fit_loss_first_last": [losses[0], losses[-1]] if losses else None}
+                "fit_steps": self.eval_cfg.fidelity_fit_steps, "fit_loss_first_last": [losses[0], losses[-1]] if losses else None,
+                **info, "recon_gain_nats_as_trained": gain_as_trained}
+
+    def information(self, model, h: np.ndarray, targets: np.ndarray, seed: int = 0) -> dict[str, float]:
+        """How much of the target's text the decoder reads from h: L_recon per token (teacher-forced) with each
+        row's own h, and with h shuffled across the rows. Greedy decoding shows only the decoder's mode, so two
+        arms whose P both decode one popular title can still differ here; a decoder that ignores h scores 0."""
+        import torch
+
+        h_t = torch.from_numpy(np.ascontiguousarray(h, np.float32))
+        states, mask, labels = self._rec_inputs(model, np.asarray(targets))
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(h_t)))
+        own, shuffled = self.recon_nats(model, h_t, states, mask, labels), self.recon_nats(model, h_t[perm], states, mask, labels)
+        return {"recon_nats": own, "recon_nats_shuffled_h": shuffled, "recon_gain_nats": shuffled - own}
+
+    def recon_nats(self, model, h, states, mask, labels) -> float:
+        """Mean L_recon per target token over the rows, in the arm's training precision, without gradients."""
+        import torch
+
+        total, tokens = 0.0, 0
+        with torch.no_grad(), self._autocast(h.device.type):
+            for s in range(0, len(h), self.batch_size):
+                sl = slice(s, s + self.batch_size)
+                width = int(mask[sl].sum(1).max())
+                n_tok = int((labels[sl, 1:width] != IGNORE).sum())  # the targets _token_ce scores
+                total += float(model.reconstruction_loss(h[sl], states[sl, :width], mask[sl, :width], labels[sl, :width])) * n_tok
+                tokens += n_tok
+        return total / max(tokens, 1)
+
+    def _autocast(self, device_type: str):
+        import torch
+
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def _rec_inputs(self, model, target_ids: np.ndarray):
+        """(states, mask, labels) of L_recon's "Next: " + text sequences for the target ids (cached or via the trunk)."""
+        import torch
+
+        if self.cache is not None:
+            items = self.cache.items()
+            r = items.rows(target_ids)
+            return items.rec_states[r], items.rec_mask[r], items.rec_labels[r]
+        rec = self.builder.target_batch(target_ids.tolist())
+        ids, mask = torch.from_numpy(rec["rec_ids"]), torch.from_numpy(rec["rec_mask"])
+        with torch.no_grad():
+            states = model.trunk(ids, mask)
+        return states, mask, torch.from_numpy(rec["rec_labels"])
 
     def decode_f1(self, model, h: np.ndarray, targets: np.ndarray) -> tuple[float | None, list[dict]]:
         import torch
@@ -75,12 +127,23 @@ class FidelityProbe:
                     examples.append({"target": ref, "decoded": decoded, "f1": round(scores[-1], 3)})
         return (float(np.mean(scores)) if scores else None), examples
 
-    def _training_rows(self, model):
-        """(h, rec states, rec mask, rec labels) of the first `n_train` training rows, computed once."""
+    def target_embeddings(self, model, target_ids: np.ndarray) -> np.ndarray:
+        """(n, emb) e_i of the given items: the decoder's ceiling when it is handed the item itself instead of h."""
+        from karma_ray.models.inference import CachedInputs, TokenInputs, embed
+
+        inputs = CachedInputs(self.cache, self.batch_size) if self.cache is not None else TokenInputs(self.builder, self.batch_size)
+        return embed(model, inputs.items(np.asarray(target_ids).tolist()), "item")
+
+    def _training_rows(self, model, condition: str = "h"):
+        """(condition, rec states, rec mask, rec labels) of the first `n_train` training rows: the row's h, or
+        with condition="target_e" its target's e_i."""
         import torch
 
         from karma_ray.models.inference import TokenInputs, embed
 
+        if condition == "target_e":
+            targets = self._training_targets()
+            return (torch.from_numpy(self.target_embeddings(model, targets)), *self._rec_inputs(model, targets))
         if self.cache is not None:
             from karma_ray.cache.store import pad_states
 
@@ -90,26 +153,30 @@ class FidelityProbe:
             batches = ({"states": states[s : s + 32], "mask": mask[s : s + 32], "pos": pos[s : s + 32]}
                        for s in range(0, len(pos), 32))
             h = embed(model, batches, "interest")
-            items = self.cache.items()
-            r = items.rows(rows["target"].to_numpy())
-            return torch.from_numpy(h), items.rec_states[r], items.rec_mask[r], items.rec_labels[r]
+            return (torch.from_numpy(h), *self._rec_inputs(model, rows["target"].to_numpy()))
+        first = self._first_training_events()
+        h = embed(model, TokenInputs(self.builder, 32).interests([q or "" for q in first["query"].to_pylist()],
+                                                                 first["history"].to_pylist()), "interest")
+        return (torch.from_numpy(h), *self._rec_inputs(model, first["target"].to_numpy()))
+
+    def _first_training_events(self):
         import pyarrow.parquet as pq
 
         from karma_ray.data.events import train_events_path
 
-        first = pq.read_table(sorted(train_events_path(self.data_dir).glob("*.parquet"))[0]).slice(0, self.n_train)
-        h = embed(model, TokenInputs(self.builder, 32).interests([q or "" for q in first["query"].to_pylist()],
-                                                                 first["history"].to_pylist()), "interest")
-        rec = self.builder.target_batch(first["target"].to_numpy().tolist())
-        ids, mask = torch.from_numpy(rec["rec_ids"]), torch.from_numpy(rec["rec_mask"])
-        with torch.no_grad():
-            states = model.trunk(ids, mask)
-        return torch.from_numpy(h), states, mask, torch.from_numpy(rec["rec_labels"])
+        return pq.read_table(sorted(train_events_path(self.data_dir).glob("*.parquet"))[0]).slice(0, self.n_train)
 
-    def refit(self, model) -> list[float]:
+    def _training_targets(self) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache.train_rows(self.n_train)["target"].to_numpy()
+        return self._first_training_events()["target"].to_numpy()
+
+    def refit(self, model, condition: str = "h") -> list[float]:
+        """Re-initialise P (seeded) and fit it alone on the training rows' `condition` ("h", or "target_e" for
+        the ceiling); returns the per-step losses."""
         import torch
 
-        h, states, mask, labels = self._training_rows(model)
+        h, states, mask, labels = self._training_rows(model, condition)
         flags = {p: p.requires_grad for p in model.parameters()}
         torch.manual_seed(self.eval_cfg.seed)
         for layer in model.prefix:
@@ -122,7 +189,7 @@ class FidelityProbe:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=self.lr)
         # P is fitted in the precision the arm trained in: the refit is most of an evaluation, and bf16 cuts it by a quarter.
-        autocast = torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        autocast = self._autocast(h.device.type)
         rng = np.random.default_rng(self.eval_cfg.seed)
         losses = []
         model.train()

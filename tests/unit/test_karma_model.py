@@ -352,3 +352,31 @@ def test_fidelity_refit_moves_only_the_prefix_in_the_arms_training_precision(tin
         assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
         first[precision] = losses[0]
     assert first["bf16"] != first["fp32"] and first["bf16"] == pytest.approx(first["fp32"], rel=0.05)
+
+
+def test_fidelity_information_is_zero_for_an_h_that_carries_nothing(tiny_data):
+    """recon_gain_nats compares L_recon with each row's own h against h shuffled across rows: an h that is
+    the same for every row explains nothing (exactly 0), and distinct rows' h give a finite figure. The
+    ceiling refit (each row's target e_i instead of h) moves only P, like the h refit."""
+    import numpy as np
+
+    from karma_ray.data.catalog import ItemCatalog
+    from karma_ray.data.events import load_items
+    from karma_ray.eval.fidelity import FidelityProbe
+
+    cfg = CFG.with_overrides([f"data.path={tiny_data}", "eval.fidelity_fit_steps=2"])
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model, cfg.loss)
+    model.eval()
+    catalog = ItemCatalog(load_items(cfg.data_dir, 0))
+    probe = FidelityProbe(PromptBuilder(tok, catalog, cfg.data), cfg.data_dir, cfg, cfg.eval, n_train=8, batch_size=4)
+    targets = catalog.ids[:6]
+    same = np.repeat(np.random.default_rng(0).normal(size=(1, model.item_proj.out_features)), 6, 0).astype(np.float32)
+    info = probe.information(model, same, targets)
+    assert info["recon_gain_nats"] == 0.0 and info["recon_nats"] == info["recon_nats_shuffled_h"] > 0
+    e = probe.target_embeddings(model, targets)
+    assert e.shape == (6, model.item_proj.out_features) and np.isfinite(probe.information(model, e, targets)["recon_gain_nats"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len(probe.refit(model, condition="target_e")) == 2
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("prefix.") for k in changed), changed
