@@ -350,11 +350,10 @@ def _ml100k() -> KarmaConfig:
         # and each row's own hard negatives reached 0.107 / 0.140 / 0.160 at 150 / 300 / 450 steps.
         # λ_gen = λ_rec = 1.0 against 0.5: valid cold HR@50 0.106 against 0.092 (warm 0.143 against 0.160).
         loss=LossConfig(lambda_gen=1.0, lambda_rec=1.0, act="infonce", cross_row_hard_negatives=False),
-        # readout_lr = 1e-3 (= head_lr) is what the committed quality.json ran. 1e-4 lifts h's effective rank from
-        # 3.4 to 12.2 and is ahead on validation within seed noise (select-readout-lr.md); it becomes the preset's
-        # once gen-only and recon-only are re-run at it too.
+        # readout_lr = 1e-4 (the default) against 1e-3 (= head_lr): h's effective rank 12.2 against 3.4, and ahead on
+        # validation within seed noise, warm 0.161 against 0.157 and cold 0.079 against 0.074 (select-readout-lr.md).
         train=TrainConfig(num_workers=1, torch_threads=2, batch_size=16, max_steps=450, warmup_steps=20, log_every=25,
-                          checkpoint_every=150, lr=1e-4, readout_lr=1e-3, precision="bf16", name="ml100k", probe_every=75,
+                          checkpoint_every=150, lr=1e-4, precision="bf16", name="ml100k", probe_every=75,
                           valid_every=150, update_share_every=75),
         index=IndexConfig(kind="flat"),
     )
