@@ -66,31 +66,37 @@ class FidelityProbe:
                 "fit_steps": self.eval_cfg.fidelity_fit_steps, "fit_loss_first_last": [losses[0], losses[-1]] if losses else None,
                 **info, "recon_gain_nats_as_trained": gain_as_trained}
 
-    def information(self, model, h: np.ndarray, targets: np.ndarray, seed: int = 0) -> dict[str, float]:
+    def information(self, model, h: np.ndarray, targets: np.ndarray, seed: int = 0, n_boot: int = 1000) -> dict:
         """How much of the target's text the decoder reads from h: L_recon per token (teacher-forced) with each
-        row's own h, and with h shuffled across the rows. Greedy decoding shows only the decoder's mode, so two
-        arms whose P both decode one popular title can still differ here; a decoder that ignores h scores 0."""
+        row's own h, and with h shuffled across the rows, with a 95% CI that resamples the rows (events).
+        Greedy decoding shows only the decoder's mode, so two arms whose P both decode one popular title can
+        still differ here; a decoder that ignores h scores 0."""
         import torch
 
         h_t = torch.from_numpy(np.ascontiguousarray(h, np.float32))
         states, mask, labels = self._rec_inputs(model, np.asarray(targets))
         perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(h_t)))
         own, shuffled = self.recon_nats(model, h_t, states, mask, labels), self.recon_nats(model, h_t[perm], states, mask, labels)
-        return {"recon_nats": own, "recon_nats_shuffled_h": shuffled, "recon_gain_nats": shuffled - own}
+        tokens = (labels != IGNORE).sum(1).numpy().astype(np.float64)  # (n,) the target tokens scored
+        rng = np.random.default_rng(seed)
+        boot = [(shuffled[b].sum() - own[b].sum()) / tokens[b].sum()
+                for b in (rng.integers(0, len(own), len(own)) for _ in range(n_boot))]
+        return {"recon_nats": float(own.sum() / tokens.sum()), "recon_nats_shuffled_h": float(shuffled.sum() / tokens.sum()),
+                "recon_gain_nats": float((shuffled.sum() - own.sum()) / tokens.sum()),
+                "recon_gain_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if n_boot else None}
 
-    def recon_nats(self, model, h, states, mask, labels) -> float:
-        """Mean L_recon per target token over the rows, in the arm's training precision, without gradients."""
+    def recon_nats(self, model, h, states, mask, labels) -> np.ndarray:
+        """(n,) summed L_recon nats per row, in the arm's training precision, without gradients."""
         import torch
 
-        total, tokens = 0.0, 0
+        out = []
         with torch.no_grad(), self._autocast(h.device.type):
             for s in range(0, len(h), self.batch_size):
                 sl = slice(s, s + self.batch_size)
                 width = int(mask[sl].sum(1).max())
-                n_tok = int((labels[sl, 1:width] != IGNORE).sum())  # the targets _token_ce scores
-                total += float(model.reconstruction_loss(h[sl], states[sl, :width], mask[sl, :width], labels[sl, :width])) * n_tok
-                tokens += n_tok
-        return total / max(tokens, 1)
+                out.append(model.reconstruction_loss(h[sl], states[sl, :width], mask[sl, :width], labels[sl, :width],
+                                                     per_row=True).float().numpy())
+        return np.concatenate(out).astype(np.float64)
 
     def _autocast(self, device_type: str):
         import torch

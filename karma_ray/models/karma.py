@@ -206,12 +206,17 @@ class KarmaModel(nn.Module):
         return self._scaled(self.prefix(h.to(self.item_proj.weight.dtype)).view(len(h), k, d))
 
     # ---- losses ------------------------------------------------------------------------------
-    def _token_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token CE, computing vocab logits only where a label exists (the LM head is the big matmul)."""
+    def _token_ce(self, hidden: torch.Tensor, labels: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """Next-token CE, computing vocab logits only where a label exists (the LM head is the big matmul).
+        With `per_row`, (B,) summed nats per row instead of the mean over every labelled token."""
         shifted = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
         where = shifted != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][where])  # (n, V)
-        return F.cross_entropy(logits.float(), shifted[where])
+        if not per_row:
+            return F.cross_entropy(logits.float(), shifted[where])
+        nats = F.cross_entropy(logits.float(), shifted[where], reduction="none")  # (n,)
+        row = torch.arange(len(labels), device=labels.device)[:, None].expand_as(shifted)[where]  # (n,)
+        return torch.zeros(len(labels), device=nats.device).index_add_(0, row, nats)  # (B,)
 
     def action_loss(self, h: torch.Tensor, e_pos: torch.Tensor, e_neg: torch.Tensor, pos_item: torch.Tensor,
                     neg_item: torch.Tensor, pos_logq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,14 +259,14 @@ class KarmaModel(nn.Module):
         return loss, acc
 
     def reconstruction_loss(self, h: torch.Tensor, rec_states: torch.Tensor, rec_mask: torch.Tensor,
-                            rec_labels: torch.Tensor) -> torch.Tensor:
+                            rec_labels: torch.Tensor, per_row: bool = False) -> torch.Tensor:
         """L_recon: decode "Next: " + target text from [BOS][P(h)] alone — the history is not in this sequence.
 
         `rec_states` are the trunk's states of [BOS] "Next: " + text on its own; P(h) is inserted after BOS
-        at the first trainable layer.
+        at the first trainable layer. `per_row` gives (B,) summed nats per row (for per-event statistics).
         """
         x, mask, labels = self._with_prefix(h, rec_states, rec_mask, rec_labels)
-        return self._token_ce(self.top(x, mask), labels)
+        return self._token_ce(self.top(x, mask), labels, per_row)
 
     def _with_prefix(self, h: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None):
         B, k, cut = len(h), self.model_cfg.prefix_tokens, 1 if self.bos is not None else 0

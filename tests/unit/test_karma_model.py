@@ -374,9 +374,31 @@ def test_fidelity_information_is_zero_for_an_h_that_carries_nothing(tiny_data):
     same = np.repeat(np.random.default_rng(0).normal(size=(1, model.item_proj.out_features)), 6, 0).astype(np.float32)
     info = probe.information(model, same, targets)
     assert info["recon_gain_nats"] == 0.0 and info["recon_nats"] == info["recon_nats_shuffled_h"] > 0
+    assert info["recon_gain_ci"] == [0.0, 0.0]
     e = probe.target_embeddings(model, targets)
     assert e.shape == (6, model.item_proj.out_features) and np.isfinite(probe.information(model, e, targets)["recon_gain_nats"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert len(probe.refit(model, condition="target_e")) == 2
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.startswith("prefix.") for k in changed), changed
+
+
+def test_per_row_reconstruction_nats_sum_to_the_mean_loss():
+    """reconstruction_loss(per_row=True) gives each row's summed nats; over the batch they are the mean L_recon
+    times the number of target tokens (what the fidelity probe's per-event bootstrap rests on)."""
+    from karma_ray.data.prompts import IGNORE
+
+    torch.manual_seed(0)
+    model, _ = build_model(CFG.model, CFG.loss)
+    model.eval()
+    B, T, d = 3, 7, model.hidden_size
+    states, mask = torch.randn(B, T, d), torch.ones(B, T, dtype=torch.long)
+    labels = torch.randint(0, 100, (B, T))
+    labels[:, :2] = IGNORE
+    labels[0, 5:] = IGNORE  # rows of different lengths
+    h = torch.nn.functional.normalize(torch.randn(B, model.item_proj.out_features), dim=-1)
+    with torch.no_grad():
+        mean = model.reconstruction_loss(h, states, mask, labels)
+        rows = model.reconstruction_loss(h, states, mask, labels, per_row=True)
+    assert rows.shape == (B,) and (rows > 0).all()
+    assert rows.sum() / (labels != IGNORE).sum() == pytest.approx(float(mean), rel=1e-5)
