@@ -31,7 +31,7 @@ TRAINED = ("action_only", "gen_only", "recon_only", "karma")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="benchmarks/results/parts/quality", help="quality parts (their artifacts)")
+    p.add_argument("--parts", default=str(RESULTS / "parts" / "quality"), help="quality parts (their artifacts)")
     p.add_argument("--seeds", default="0", help="comma list: whose artifacts (the frozen arm has no seed; arms "
                    "without a part for a seed are skipped)")
     p.add_argument("--arms", default="frozen," + ",".join(TRAINED))
@@ -97,6 +97,8 @@ def main() -> None:
     wanted = [(a, 0 if a == "frozen" else sd) for sd in seeds for a in args.arms.split(",")]
     wanted = [w for i, w in enumerate(wanted) if w not in wanted[:i] and part_path(args.parts, *w).exists()]
     parts = {w: json.loads(part_path(args.parts, *w).read_text()) for w in wanted}
+    if missing := [p["metrics"]["artifact"] for (a, _), p in parts.items() if a != "frozen" and not Path(p["metrics"]["artifact"]).exists()]:
+        raise SystemExit(f"these parts' artifacts are not on this machine (re-run benchmarks/quality.py for them): {missing}")
     # every arm shares the data, backbone and trunk cache: the first trained arm's artifact gives them
     ref = load_artifact(next(p["metrics"]["artifact"] for (a, _), p in parts.items() if a != "frozen"))
     cfg = ref.config
@@ -105,11 +107,12 @@ def main() -> None:
     targets = np.asarray(SplitEvents.load(cfg.data_dir, "test", cfg.eval).targets[: args.n])
     eval_cfg = dataclasses.replace(cfg.eval, fidelity_fit_steps=args.steps)
     out = Path(args.out) / "decoder_information.json"
-    settings = {"parts": args.parts, "fit_steps": args.steps, "n_test": args.n, "n_train": 512}
+    settings = {"parts": os.path.relpath(Path(args.parts).resolve(), REPO), "fit_steps": args.steps, "n_test": args.n,
+                "n_train": 512}
     old = json.loads(out.read_text()) if out.exists() else {}
     # rows measured before under the same settings are kept, as quality.py keeps its parts
     done = {(r["arm"], r.get("seed", 0)): r for r in old.get("rows", [])} if all(old.get(k) == v for k, v in settings.items()) else {}
-    load0, rows = os.getloadavg(), []
+    load0, rows, measured = os.getloadavg(), [], 0
     for arm, seed in wanted:
         if (arm, seed) in done:
             rows.append(done[(arm, seed)])
@@ -119,9 +122,12 @@ def main() -> None:
         probe = FidelityProbe((art or ref).builder, cfg.data_dir, cfg, eval_cfg, cache)
         rows.append(measure(arm, seed, model, probe, cache, targets, args.n, arm == args.ceiling_arm and seed == seeds[0],
                             arm in ("karma", "recon_only")))
+        measured += 1
     rows += [r for key, r in done.items() if key not in wanted]
-    result = settings | {"rows": rows, "paired": paired(rows), "load_before": load0, "load_after": os.getloadavg(),
-                         "machine": f"{os.cpu_count()} CPU cores, no GPU"}
+    # the load is that of the run that measured rows (a run that only reuses rows keeps the old figures)
+    load = {"load_before": load0, "load_after": os.getloadavg()} if measured or not old else \
+        {k: old[k] for k in ("load_before", "load_after")}
+    result = settings | {"rows": rows, "paired": paired(rows)} | load | {"machine": f"{os.cpu_count()} CPU cores, no GPU"}
     write(result, Path(args.out))
 
 
