@@ -10,8 +10,8 @@ training rows (`FidelityProbe.refit`, the fidelity probe's own fit, for `--steps
 target token is scored on `--n` test events with each event's own h and with h shuffled across the events.
 Their difference, `recon_gain_nats`, is what the decoder reads from h; 0 means it ignores h. The ceiling
 refits P on each row's target e_i instead (the item itself, so all the information is there): it shows
-what the soft-prefix path can carry in the same number of steps. Arms that trained P (KARMA, recon-only)
-are also scored through their own P. Writes benchmarks/results/decoder_information.{json,md,png}.
+what the soft-prefix path can carry in the same number of steps. Arms that trained P (λ_rec > 0: KARMA,
+recon-only) are also scored through their own P. Writes benchmarks/results/decoder_information.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -120,8 +120,9 @@ def main() -> None:
         art = load_artifact(parts[(arm, seed)]["metrics"]["artifact"]) if arm != "frozen" else None
         model = art.model if art else frozen(cfg, parts[(arm, seed)], cache)
         probe = FidelityProbe((art or ref).builder, cfg.data_dir, cfg, eval_cfg, cache)
+        trained_p = art is not None and art.config.loss.lambda_rec > 0  # its own P learned L_recon
         rows.append(measure(arm, seed, model, probe, cache, targets, args.n, arm == args.ceiling_arm and seed == seeds[0],
-                            arm in ("karma", "recon_only")))
+                            trained_p))
         measured += 1
     rows += [r for key, r in done.items() if key not in wanted]
     # the load is that of the run that measured rows (a run that only reuses rows keeps the old figures)
