@@ -62,6 +62,9 @@ def base_config(args: argparse.Namespace):
 # Train fields that change no trained weight: names and places, and diagnostics that only read the model.
 NOT_FINGERPRINTED = ("seed", "name", "storage_path", "artifacts_dir", "log_every", "checkpoint_every", "max_failures",
                      "probe_every", "probe_prompts", "sink_alarm_ratio", "valid_every", "update_share_every")
+# Knobs added after parts were measured, at the value that reproduces those parts' training exactly: left out
+# of the fingerprint at that value, so adding a knob does not orphan every earlier part.
+SAME_AS_BEFORE = {"loss": {"recon_decoder": "shared"}}
 
 
 def fingerprint(cfg) -> str:
@@ -72,6 +75,8 @@ def fingerprint(cfg) -> str:
     d = cfg.to_dict()
     d.pop("index", None)
     d["train"] = {k: v for k, v in d["train"].items() if k not in NOT_FINGERPRINTED}
+    for section, knobs in SAME_AS_BEFORE.items():
+        d[section] = {k: v for k, v in d[section].items() if knobs.get(k, object()) != v}
     for name in ("path", "cache_dir"):
         if d["data"].get(name) and Path(d["data"][name]).is_relative_to(REPO):
             d["data"][name] = str(Path(d["data"][name]).relative_to(REPO))

@@ -98,9 +98,14 @@ class LossConfig:
     cross_row_hard_negatives: bool = True  # other rows' hard negatives are negatives for every row too
     logq_correction: bool = True  # subtract log(click share) from in-batch (click-sampled) candidates only
     image_recon: str = "mse"  # mse | cosine
+    # Which top layers L_recon decodes through. shared: the trained ones, which can learn the marginal of
+    # item texts and leave P(h) unread. frozen: a frozen copy of the backbone's own top layers, so only h
+    # (through P) can lower L_recon and h stays readable by the pretrained LM. Needs model.trainable_layers > 0.
+    recon_decoder: str = "shared"
 
     def __post_init__(self) -> None:
         _check(self.act in ("pairwise", "infonce"), f"loss.act must be pairwise|infonce, got {self.act!r}")
+        _check(self.recon_decoder in ("shared", "frozen"), f"loss.recon_decoder must be shared|frozen, got {self.recon_decoder!r}")
         for name in ("lambda_gen", "lambda_rec", "lambda_img"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
         _check(0 < self.init_temperature <= 1, "loss.init_temperature must be in (0, 1]")
@@ -276,6 +281,8 @@ class KarmaConfig:
             self.model.image_dim in (0, self.data.image_dim) or self.data.image_dim == 0,
             "model.image_dim must be 0 or equal data.image_dim",
         )
+        _check(self.loss.recon_decoder == "shared" or self.model.trainable_layers > 0,
+               "loss.recon_decoder=frozen needs model.trainable_layers > 0 (a frozen copy of the top layers)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

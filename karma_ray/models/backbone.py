@@ -158,8 +158,11 @@ class DecoderView:
     copy sees the attention implementation the model has at that moment).
     """
 
-    def __init__(self, decoder: nn.Module, lo: int, hi: int, final_norm: bool):
+    def __init__(self, decoder: nn.Module, lo: int, hi: int, final_norm: bool, layers: nn.ModuleList | None = None,
+                 norm: nn.Module | None = None):
+        """`layers`/`norm` stand in for the decoder's own layers [lo, hi) and final norm (e.g. frozen copies)."""
         self.decoder, self.lo, self.hi, self.final_norm = decoder, lo, hi, final_norm
+        self.layers, self.norm = layers, norm
 
     def __len__(self) -> int:
         return self.hi - self.lo
@@ -167,9 +170,12 @@ class DecoderView:
     def module(self) -> nn.Module:
         view = copy.copy(self.decoder)
         view._modules = dict(self.decoder._modules)  # own child table: the real decoder keeps its layers
-        view._modules["layers"] = nn.ModuleList(list(self.decoder.layers)[self.lo : self.hi])
+        own = nn.ModuleList(list(self.decoder.layers)[self.lo : self.hi])
+        view._modules["layers"] = self.layers if self.layers is not None else own
         if not self.final_norm:
             view._modules["norm"] = nn.Identity()
+        elif self.norm is not None:
+            view._modules["norm"] = self.norm
         view.config = copy.copy(self.decoder.config)
         if getattr(view.config, "layer_types", None):
             view.config.layer_types = list(self.decoder.config.layer_types)[self.lo : self.hi]

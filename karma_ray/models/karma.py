@@ -21,6 +21,7 @@ cosine. Only e_i and h are needed at inference; the decoder path is train-only (
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict
@@ -58,6 +59,16 @@ class KarmaModel(nn.Module):
         self._top = DecoderView(decoder, self.split, n_layers, final_norm=True)
         for i, layer in enumerate(list(decoder.layers)[self.split:]):
             layer.self_attn.layer_idx = i  # the top keeps its own KV cache when decoding (see decode_from_h)
+        self._decoder = self._top  # the top layers L_recon and decode_from_h run through
+        if loss_cfg.recon_decoder == "frozen":
+            if not self.frozen_trunk:
+                raise ValueError("loss.recon_decoder=frozen needs model.trainable_layers > 0")
+            # The backbone's own top layers, copied before any training and never trained: not part of the
+            # artifact (rebuilt from the backbone at load) and not in trainable_names.
+            self.anchor = nn.ModuleDict({"layers": copy.deepcopy(nn.ModuleList(list(decoder.layers)[self.split:])),
+                                         "norm": copy.deepcopy(decoder.norm)}).requires_grad_(False)
+            self._decoder = DecoderView(decoder, self.split, n_layers, final_norm=True,
+                                        layers=self.anchor["layers"], norm=self.anchor["norm"])
 
         d, emb, kp = lm.config.hidden_size, model_cfg.emb_dim or lm.config.hidden_size, model_cfg.prefix_tokens
         self.item_proj = nn.Linear(d, emb)  # W_e, b_e
@@ -266,7 +277,8 @@ class KarmaModel(nn.Module):
         at the first trainable layer. `per_row` gives (B,) summed nats per row (for per-event statistics).
         """
         x, mask, labels = self._with_prefix(h, rec_states, rec_mask, rec_labels)
-        return self._token_ce(self.top(x, mask), labels, per_row)
+        hidden = self._decoder(x.to(self.item_proj.weight.dtype), mask).last_hidden_state  # (B, 1+k+Tr, d)
+        return self._token_ce(hidden, labels, per_row)
 
     def _with_prefix(self, h: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None):
         B, k, cut = len(h), self.model_cfg.prefix_tokens, 1 if self.bos is not None else 0
@@ -351,7 +363,7 @@ class KarmaModel(nn.Module):
             return self.trunk(step_ids, None, cache=trunk_cache, use_cache=True, autocast=step_ids.shape[1] > 1)
 
         def top_step(x: torch.Tensor) -> torch.Tensor:
-            return self._top(x.to(self.item_proj.weight.dtype), None, cache=top_cache, use_cache=True).last_hidden_state
+            return self._decoder(x.to(self.item_proj.weight.dtype), None, cache=top_cache, use_cache=True).last_hidden_state
 
         states = trunk_step(ids)  # (B, s, d)
         x, _, _ = self._with_prefix(h, states, torch.ones(ids.shape, dtype=torch.long, device=h.device), None)
@@ -372,7 +384,8 @@ class KarmaModel(nn.Module):
     def trainable_names(self) -> list[str]:
         """Every weight training can change: the heads, plus the top layers and final norm (or the whole LM
         when it all trains). named_parameters lists tied weights once."""
-        return [n for n, p in self.named_parameters() if not n.startswith("lm.") or p.requires_grad or not self.frozen_trunk]
+        return [n for n, p in self.named_parameters()
+                if not n.startswith(("lm.", "anchor.")) or (n.startswith("lm.") and (p.requires_grad or not self.frozen_trunk))]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The `trainable_names` weights, by name: what checkpoints and the artifact hold."""

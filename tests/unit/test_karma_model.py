@@ -402,3 +402,40 @@ def test_per_row_reconstruction_nats_sum_to_the_mean_loss():
         rows = model.reconstruction_loss(h, states, mask, labels, per_row=True)
     assert rows.shape == (B,) and (rows > 0).all()
     assert rows.sum() / (labels != IGNORE).sum() == pytest.approx(float(mean), rel=1e-5)
+
+
+def test_frozen_recon_decoder_is_the_untrained_backbone_and_only_h_can_lower_l_recon(tmp_path):
+    """loss.recon_decoder=frozen: L_recon decodes through a frozen copy of the backbone's top layers. Its
+    gradient reaches P and (through h) the trainable top, never the copy; after training steps that move the
+    top, the copy still equals the backbone; the artifact holds no copy, and a reloaded model decodes alike."""
+    from karma_ray.train.loop import param_groups
+
+    loss_cfg = dataclasses.replace(CFG.loss, recon_decoder="frozen")
+    model, tok = build_model(CFG.model, loss_cfg)
+    builder = PromptBuilder(tok, ITEMS, CFG.data)
+    top = model.lm.get_decoder().layers[1]
+    anchor = {n: p.detach().clone() for n, p in model.anchor.named_parameters()}
+    assert torch.equal(model.anchor["layers"][0].mlp.up_proj.weight, top.mlp.up_proj.weight)
+    assert not any(n.startswith("anchor.") for n in model.trainable_names())
+
+    model(batch_for(builder, ROWS))["rec"].backward()
+    assert model.prefix[0].weight.grad.abs().sum() > 0 and model.int_proj.weight.grad.abs().sum() > 0
+    assert top.self_attn.q_proj.weight.grad.abs().sum() > 0  # through h only
+    assert all(p.grad is None for p in model.anchor.parameters())
+
+    opt = torch.optim.AdamW(param_groups(model, CFG), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(batch_for(builder, ROWS))["loss"].backward()
+        opt.step()
+    assert not torch.equal(top.mlp.up_proj.weight, anchor["layers.0.mlp.up_proj.weight"])
+    assert all(torch.equal(p, anchor[n]) for n, p in model.anchor.named_parameters())
+
+    model.eval()
+    model.save(tmp_path, tok)
+    loaded, _ = KarmaModel.load(tmp_path)
+    batch = batch_for(builder, ROWS)
+    with torch.no_grad():
+        assert torch.allclose(model(batch)["rec"], loaded(batch)["rec"], atol=1e-5)
+    with pytest.raises(ValueError, match="recon_decoder"):
+        dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, trainable_layers=0), loss=loss_cfg)
