@@ -128,12 +128,13 @@ def score_with_prior(splits: dict[str, SplitEvents], item_ids: np.ndarray, h: di
 
 
 # ---- encoders ------------------------------------------------------------------------------
-def interest_batches(inputs, split: SplitEvents):
-    """Interest inputs for a split: cached states when `inputs` is a CachedInputs, else token ids."""
+def interest_batches(inputs, split: SplitEvents, by_length: bool = False):
+    """Interest inputs for a split: cached states when `inputs` is a CachedInputs (length-sorted with
+    `by_length`, for `embed`), else token ids in event order."""
     from karma_ray.models.inference import CachedInputs
 
     if isinstance(inputs, CachedInputs):
-        return inputs.interests(split.name)
+        return inputs.interests(split.name, by_length)
     return inputs.interests([q or "" for q in split.events.column("query").to_pylist()], split.histories)
 
 
@@ -180,7 +181,7 @@ def evaluate_encoder(model, inputs, data_dir: str | Path, cfg: EvalConfig, catal
     stages.update()
     h = {}
     for name, s in splits.items():
-        h[name] = embed(model, interest_batches(inputs, s), "interest")
+        h[name] = embed(model, interest_batches(inputs, s, by_length=True), "interest")
         stages.update()
     out: dict[str, Any] = (score_with_prior(splits, catalog.ids, h, item_emb, logq, cfg) if logq is not None
                            else score_splits(splits, catalog.ids, embedding_scores(h, item_emb), cfg))

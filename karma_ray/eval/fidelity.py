@@ -151,14 +151,11 @@ class FidelityProbe:
             targets = self._training_targets()
             return (torch.from_numpy(self.target_embeddings(model, targets)), *self._rec_inputs(model, targets))
         if self.cache is not None:
-            from karma_ray.cache.store import pad_states
+            from karma_ray.models.inference import state_batches
 
             rows = self.cache.train_rows(self.n_train)
-            states, mask = pad_states(rows["states"].to_pylist(), rows["length"].to_numpy(), self.cache.dtype)
-            pos = torch.from_numpy(rows["pos"].to_numpy().astype(np.int64))
-            batches = ({"states": states[s : s + 32], "mask": mask[s : s + 32], "pos": pos[s : s + 32]}
-                       for s in range(0, len(pos), 32))
-            h = embed(model, batches, "interest")
+            h = embed(model, state_batches(rows["states"].to_pylist(), rows["length"].to_numpy(), rows["pos"].to_numpy(),
+                                           self.cache.dtype, 32, by_length=True), "interest")
             return (torch.from_numpy(h), *self._rec_inputs(model, rows["target"].to_numpy()))
         first = self._first_training_events()
         h = embed(model, TokenInputs(self.builder, 32).interests([q or "" for q in first["query"].to_pylist()],

@@ -36,7 +36,7 @@ def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: Kar
         if not (data_dir / f"{split}.parquet").exists():
             continue
         s = SplitEvents.load(data_dir, split, cfg.eval if cache is not None else sample)
-        batches = (CachedInputs(cache, 32).interests(split) if cache is not None else
+        batches = (CachedInputs(cache, 32).interests(split, by_length=True) if cache is not None else
                    TokenInputs(builder, 32).interests([q or "" for q in s.events.column("query").to_pylist()], s.histories))
         out.update(index_metrics(index, embed(model, batches, "interest"), s.events, prefix=f"{split}/"))
     return out

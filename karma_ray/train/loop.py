@@ -141,7 +141,7 @@ class WorkerInputs:
         was = model.training
         split = SplitEvents.load(self.cfg.data_dir, "valid", self.cfg.eval)
         cached = CachedInputs(self.cache, 64, self.items.image.numpy() if self.items.image is not None else None)
-        h = {"valid": embed(model, cached.interests("valid"), "interest")}
+        h = {"valid": embed(model, cached.interests("valid", by_length=True), "interest")}
         e = embed(model, cached.items(), "item")
         model.train(was)
         return float(hits_at(split_ranks(split, self.catalog.ids, embedding_scores(h, e)("valid")), k).mean())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -296,7 +297,6 @@ def test_other_rows_hard_negatives_are_a_switch():
 
 
 def test_training_batch_carries_log_click_shares_of_the_targets_only(model_and_builder):
-    import numpy as np
 
     _, builder = model_and_builder
     builder.item_logq = np.log(np.full(len(builder.item_ids), 1.0 / len(builder.item_ids), np.float32))
@@ -330,7 +330,6 @@ def test_trim_padding_gives_targets_and_negatives_one_width():
 def test_fidelity_refit_moves_only_the_prefix_in_the_arms_training_precision(tiny_data):
     """The fair-fidelity probe refits P alone (every other weight and flag left as found), under bf16
     autocast when the arm trained in bf16: its first loss is the fp32 one to bf16 rounding, not equal."""
-    import numpy as np
 
     from karma_ray.data.catalog import ItemCatalog
     from karma_ray.data.events import load_items
@@ -358,7 +357,6 @@ def test_fidelity_information_is_zero_for_an_h_that_carries_nothing(tiny_data):
     """recon_gain_nats compares L_recon with each row's own h against h shuffled across rows: an h that is
     the same for every row explains nothing (exactly 0), and distinct rows' h give a finite figure. The
     ceiling refit (each row's target e_i instead of h) moves only P, like the h refit."""
-    import numpy as np
 
     from karma_ray.data.catalog import ItemCatalog
     from karma_ray.data.events import load_items
@@ -439,3 +437,21 @@ def test_frozen_recon_decoder_is_the_untrained_backbone_and_only_h_can_lower_l_r
         assert torch.allclose(model(batch)["rec"], loaded(batch)["rec"], atol=1e-5)
     with pytest.raises(ValueError, match="recon_decoder"):
         dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, trainable_layers=0), loss=loss_cfg)
+
+
+def test_length_sorted_batches_embed_to_the_same_rows_in_input_order():
+    """state_batches(by_length=True) runs the rows shortest first; embed puts them back, and each row's h is
+    its event-order h (only the padding differs)."""
+    from karma_ray.cache.store import to_bytes
+    from karma_ray.models.inference import embed, state_batches
+
+    torch.manual_seed(0)
+    model, _ = build_model(CFG.model, CFG.loss)
+    lengths = np.array([9, 3, 7, 3, 12, 5, 8])
+    blobs = [to_bytes(torch.randn(int(n), model.hidden_size)) for n in lengths]
+    pos = lengths - 1
+    sorted_batches = list(state_batches(blobs, lengths, pos, "fp32", 3, by_length=True))
+    assert [b["mask"].shape[1] for b in sorted_batches] == [5, 9, 12]  # 54 positions padded, against 71 in event order (9, 12, 8)
+    in_order = embed(model, state_batches(blobs, lengths, pos, "fp32", 3), "interest")
+    by_length = embed(model, iter(sorted_batches), "interest")
+    assert np.allclose(in_order, by_length, atol=1e-5)
