@@ -356,6 +356,8 @@ def _ml100k() -> KarmaConfig:
         # collapsed to L_act ≈ ln 2 and ended at 0.096 (the frozen start is 0.070); InfoNCE over in-batch clicks
         # and each row's own hard negatives reached 0.107 / 0.140 / 0.160 at 150 / 300 / 450 steps.
         # λ_gen = λ_rec = 1.0 against 0.5: valid cold HR@50 0.106 against 0.092 (warm 0.143 against 0.160).
+        # recon_decoder stays shared: frozen was ahead within noise over 3 seeds (valid cold 0.081 against 0.076, CI
+        # touching 0), but its decoder reads no more from h and decodes "1, 2, 3, …" for every user.
         loss=LossConfig(lambda_gen=1.0, lambda_rec=1.0, act="infonce", cross_row_hard_negatives=False),
         # readout_lr = 1e-4 (the default) against 1e-3 (= head_lr): h's effective rank 12.2 against 3.4, and ahead on
         # validation within seed noise, warm 0.161 against 0.157 and cold 0.079 against 0.074 (select-readout-lr.md).
