@@ -124,8 +124,10 @@ class TrunkCache:
         return {"blobs": t["states"].to_pylist(), "length": t["length"].to_numpy(), "pos": t["pos"].to_numpy()}
 
     def train_rows(self, n: int) -> pa.Table:
-        """The first n cached training rows (deterministic: readout statistics and the fidelity fit use them)."""
-        return self._read("train").slice(0, n)
+        """The first n cached training rows (deterministic: readout statistics and the fidelity fit use them).
+        Keys are row numbers, so the filter skips every Parquet row group past n (reading all ~1.3 GB of
+        ml100k's rows to keep 512 took 13 s)."""
+        return pq.read_table(self.root / "kind=train", filters=[("key", "<", n)]).sort_by("key")
 
 
 def collate_train(batch: dict[str, Any], items: ItemStates, max_negatives: int, dtype: str,

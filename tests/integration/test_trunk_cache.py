@@ -62,3 +62,14 @@ def test_cached_states_are_the_trunk_of_each_row(ray_cluster, tiny_cfg):
         alone = model.trunk(torch.from_numpy(arr["ids"][i:i + 1, :n]), torch.from_numpy(arr["mask"][i:i + 1, :n]))[0]
         stored = from_bytes(blob, n, cache.dtype)
         torch.testing.assert_close(stored, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_train_rows_are_the_first_rows_by_key(ray_cluster, tiny_cfg):
+    """train_rows(n) reads only the row groups it needs and gives the n lowest keys, in key order."""
+    from karma_ray.cache.build import ensure_cache
+
+    cache = ensure_cache(tiny_cfg, progress=False)
+    everything = pq.read_table(cache.root / "kind=train").sort_by("key")
+    first = cache.train_rows(5)
+    assert first["key"].to_pylist() == list(range(5))
+    assert first.equals(everything.slice(0, 5).select(first.column_names))
