@@ -274,7 +274,8 @@ class KarmaModel(nn.Module):
         """L_recon: decode "Next: " + target text from [BOS][P(h)] alone — the history is not in this sequence.
 
         `rec_states` are the trunk's states of [BOS] "Next: " + text on its own; P(h) is inserted after BOS
-        at the first trainable layer. `per_row` gives (B,) summed nats per row (for per-event statistics).
+        at the first trainable layer, and the top layers decode (their frozen copy with loss.recon_decoder=frozen).
+        `per_row` gives (B,) summed nats per row (for per-event statistics).
         """
         x, mask, labels = self._with_prefix(h, rec_states, rec_mask, rec_labels)
         hidden = self._decoder(x.to(self.item_proj.weight.dtype), mask).last_hidden_state  # (B, 1+k+Tr, d)

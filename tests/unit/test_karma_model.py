@@ -297,7 +297,6 @@ def test_other_rows_hard_negatives_are_a_switch():
 
 
 def test_training_batch_carries_log_click_shares_of_the_targets_only(model_and_builder):
-
     _, builder = model_and_builder
     builder.item_logq = np.log(np.full(len(builder.item_ids), 1.0 / len(builder.item_ids), np.float32))
     try:
