@@ -170,8 +170,8 @@ class DecoderView:
     def module(self) -> nn.Module:
         view = copy.copy(self.decoder)
         view._modules = dict(self.decoder._modules)  # own child table: the real decoder keeps its layers
-        own = nn.ModuleList(list(self.decoder.layers)[self.lo : self.hi])
-        view._modules["layers"] = self.layers if self.layers is not None else own
+        view._modules["layers"] = (self.layers if self.layers is not None
+                                   else nn.ModuleList(list(self.decoder.layers)[self.lo : self.hi]))
         if not self.final_norm:
             view._modules["norm"] = nn.Identity()
         elif self.norm is not None:
