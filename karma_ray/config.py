@@ -65,7 +65,7 @@ class ModelConfig:
     # heads; the embeddings, the bottom L-k layers and the tied LM head stay frozen, and the frozen
     # trunk's output for fixed text is cached once (karma_ray.cache). 0 = full fine-tuning.
     trainable_layers: int = 0
-    trunk_dtype: str = "bf16"  # dtype the frozen trunk runs and is cached in (bf16 | fp32)
+    trunk_dtype: str = "bf16"  # the frozen trunk runs and is cached in it; the top layers run in it at inference
     readout: str = "mean"  # mean: mean of the final states over the text; token: the state at [INT]/[ITEM]
     emb_dim: int = 0  # retrieval embedding size; 0 = the LM's hidden size (W_e, W_h start as identity)
     prefix_tokens: int = 4  # k soft-prefix tokens for L_recon (the bottleneck width)

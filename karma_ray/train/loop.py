@@ -364,6 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reading["valid_hr@50_step0"] = inputs.valid_hr(model)
 
     # 3. Parallelism (DDP or FSDP2), then the optimiser over the parameters it left, and the schedule.
+    model.train()  # the readout statistics above ran the model in eval mode
     ddp_model = parallelize(model, cfg, device)
     reading.update(_parameter_counts(model, ddp_model))
     opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98))

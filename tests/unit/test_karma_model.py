@@ -454,3 +454,25 @@ def test_length_sorted_batches_embed_to_the_same_rows_in_input_order():
     in_order = embed(model, state_batches(blobs, lengths, pos, "fp32", 3), "interest")
     by_length = embed(model, iter(sorted_batches), "interest")
     assert np.allclose(in_order, by_length, atol=1e-5)
+
+
+def test_eval_mode_runs_a_bf16_trunks_top_layers_in_bf16_and_train_mode_leaves_precision_to_the_caller():
+    """Serving, evaluation and export (eval mode) run a bf16 trunk's top layers under bf16 autocast, as the
+    bf16 presets train them; in train mode the caller's autocast decides, so an fp32 run stays fp32."""
+    torch.manual_seed(0)
+    model, _ = build_model(dataclasses.replace(CFG.model, trunk_dtype="bf16"), CFG.loss)
+    states = torch.randn(3, 7, model.hidden_size).to(torch.bfloat16)  # (B, T, d) as the cache stores them
+    mask = torch.ones(3, 7, dtype=torch.long)
+    with torch.no_grad():
+        model.train()
+        fp32 = model.top(states, mask)  # (B, T, d)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.top(states, mask)
+        model.eval()
+        served = model.top(states, mask)
+    assert torch.equal(served, bf16) and not torch.equal(served, fp32)
+    assert served.dtype == torch.float32 and torch.allclose(served, fp32, atol=0.05)  # the residual stream stays fp32
+    fp32_model, _ = build_model(CFG.model, CFG.loss)  # the tiny preset's fp32 trunk: eval mode stays fp32
+    fp32_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fp32_model.eval().top(states, mask), fp32)
