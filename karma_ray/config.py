@@ -18,6 +18,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+EVAL_SPLITS = ("valid", "test", "valid_cold", "test_cold")  # the evaluation splits a prepared dataset can hold
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the behaviour logs live and how prompts are cut to length."""
@@ -39,6 +42,9 @@ class DataConfig:
     max_target_tokens: int = 24  # "Next: " + target text for L_gen / L_recon
     cache_dir: str = ""  # where trunk caches live (default <data.path>/<protocol>/trunk_cache); shared by every run
     cache_actors: int = 1  # Ray Data actors that compute the trunk cache (each loads the model)
+    # Evaluation splits whose prompts the trunk cache holds. Training reads `valid` (train.valid_every) and
+    # export reads the test splits; quality.py's evaluation reads all four. jobs/evaluate.py runs at full depth.
+    cache_eval_splits: tuple[str, ...] = EVAL_SPLITS
     tokenize_actors: int = 1  # Ray Data actor pool size for tokenisation
     tokenize_num_cpus: float = 0.25  # logical CPUs per tokeniser actor (see README: 2-CPU deadlock)
     read_num_cpus: float = 0.25  # logical CPUs per parquet read task
@@ -54,6 +60,11 @@ class DataConfig:
             _check(getattr(self, name) >= 1, f"data.{name} must be >= 1")
         _check(self.max_prompt_tokens >= 16, "data.max_prompt_tokens must be >= 16")
         _check(self.tokenize_num_cpus > 0 and self.read_num_cpus > 0, "data.*_num_cpus must be > 0")
+        if isinstance(self.cache_eval_splits, str):  # --set data.cache_eval_splits=test,test_cold
+            self.cache_eval_splits = tuple(s for s in self.cache_eval_splits.split(",") if s)
+        self.cache_eval_splits = tuple(self.cache_eval_splits)
+        unknown = set(self.cache_eval_splits) - set(EVAL_SPLITS)
+        _check(not unknown, f"data.cache_eval_splits must be among {EVAL_SPLITS}, got {sorted(unknown)}")
 
 
 @dataclass(kw_only=True)
@@ -283,6 +294,8 @@ class KarmaConfig:
         )
         _check(self.loss.recon_decoder == "shared" or self.model.trainable_layers > 0,
                "loss.recon_decoder=frozen needs model.trainable_layers > 0 (a frozen copy of the top layers)")
+        _check(not (self.train.valid_every and self.model.trainable_layers) or "valid" in self.data.cache_eval_splits,
+               "train.valid_every > 0 reads the cached validation prompts: add valid to data.cache_eval_splits")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -329,12 +342,12 @@ _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, 
 def _demo() -> KarmaConfig:
     # Synthetic shop with queries; all 30 layers of SmolLM2, the top 2 trained over a cached bf16 trunk,
     # so a fresh machine trains, indexes and serves in a few minutes on 2 CPU cores. The cache holds just
-    # the rows 30 steps read and a small evaluation sample.
+    # the rows 30 steps read and the sample of test prompts that export scores.
     return KarmaConfig(
         preset="demo",
         data=DataConfig(dataset="synthetic", path="data/demo", n_items=1000, n_users=300, history_items=4,
                         max_negatives=3, max_prompt_tokens=112, max_item_tokens=20, max_target_tokens=20,
-                        train_rows=240),
+                        train_rows=240, cache_eval_splits=("test", "test_cold")),
         model=ModelConfig(backbone="smollm2-135m", trainable_layers=2, prefix_tokens=4),
         loss=LossConfig(lambda_gen=0.5, lambda_rec=0.5),
         train=TrainConfig(num_workers=1, torch_threads=2, batch_size=8, max_steps=30, warmup_steps=5, log_every=5,

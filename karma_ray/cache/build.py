@@ -24,7 +24,6 @@ from karma_ray.cache.store import TrunkCache, cache_key, cache_root, key_hash, t
 from karma_ray.config import KarmaConfig
 from karma_ray.data.events import eval_events, load_items, train_events_path
 from karma_ray.data.schema import EVENTS_SCHEMA, read_table, validate_events
-from karma_ray.data.split import EVAL_SPLITS
 
 log = logging.getLogger(__name__)
 INPUT_BLOCKS_PER_ACTOR = 4  # few large input blocks: Ray Data starts a task per block to read its schema
@@ -138,7 +137,7 @@ def _inputs(cfg: KarmaConfig, data_dir: Path) -> pa.Table:
     parts = [pa.table({"kind": ["items"] * len(ids), "key": np.sort(ids), "query": pa.nulls(len(ids), pa.string()),
                        "history": pa.nulls(len(ids), empty.type), "target": pa.nulls(len(ids), pa.int64()),
                        "negatives": pa.nulls(len(ids), empty.type)})]
-    tables = {"train": train} | {f"eval_{s}": eval_events(data_dir, s, cfg.eval) for s in EVAL_SPLITS
+    tables = {"train": train} | {f"eval_{s}": eval_events(data_dir, s, cfg.eval) for s in cfg.data.cache_eval_splits
                                  if (data_dir / f"{s}.parquet").exists()}
     for kind, t in tables.items():
         parts.append(pa.table({"kind": [kind] * t.num_rows, "key": np.arange(t.num_rows), "query": t["query"],

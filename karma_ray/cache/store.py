@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from karma_ray.config import EVAL_SPLITS
 from karma_ray.data.catalog import ItemCatalog
 from karma_ray.data.prompts import IGNORE
 
@@ -20,15 +21,18 @@ DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32
 
 
 def cache_key(cfg, frozen_sha256: str, data_hash: str) -> dict[str, Any]:
-    """Everything the cached states depend on; any change gives a new cache directory."""
+    """Everything the cached states depend on; any change gives a new cache directory. The evaluation
+    splits are named only when some are left out, so caches that hold all four keep their keys."""
     d, e = cfg.data, cfg.eval
+    evaluation = {"max_events": e.max_events, "max_cold_events": e.max_cold_events, "seed": e.seed}
+    if set(d.cache_eval_splits) != set(EVAL_SPLITS):
+        evaluation["splits"] = sorted(d.cache_eval_splits)
     return {"format": CACHE_FORMAT, "backbone": cfg.model.backbone, "frozen_sha256": frozen_sha256,
             "trainable_layers": cfg.model.trainable_layers, "trunk_dtype": cfg.model.trunk_dtype,
             "image_dim": cfg.model.image_dim, "data_hash": data_hash, "protocol": e.protocol,
             "prompt": {"history_items": d.history_items, "max_prompt_tokens": d.max_prompt_tokens,
                        "max_item_tokens": d.max_item_tokens, "max_target_tokens": d.max_target_tokens},
-            "train_rows": d.train_rows, "eval": {"max_events": e.max_events, "max_cold_events": e.max_cold_events,
-                                                 "seed": e.seed}}
+            "train_rows": d.train_rows, "eval": evaluation}
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -118,8 +122,15 @@ class TrunkCache:
                                      rec, rec_mask, pad_lists(t["rec_labels"].to_pylist(), rec.shape[1], IGNORE))
         return self._items
 
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return tuple(self.key["eval"].get("splits", EVAL_SPLITS))
+
     def eval_split(self, split: str) -> dict[str, Any]:
         """{"states": [(T, d)...], "length", "pos"} for the split's events, in event order."""
+        if split not in self.eval_splits:
+            raise ValueError(f"trunk cache {self.root} holds no {split!r} prompts (it holds {', '.join(self.eval_splits)}): "
+                             f"add {split} to data.cache_eval_splits, or evaluate at full depth")
         t = self._read(f"eval_{split}", ["key", "length", "pos", "states"])
         return {"blobs": t["states"].to_pylist(), "length": t["length"].to_numpy(), "pos": t["pos"].to_numpy()}
 

@@ -24,12 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from karma_ray.config import EVAL_SPLITS, PROTOCOLS
 from karma_ray.data.schema import CLICKS_SCHEMA, EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, DataValidationError, conform
 
 __all__ = ["PROTOCOLS", "Splits", "build_splits", "events_to_impressions", "EVAL_SPLITS"]
-
-PROTOCOLS = ("standard", "cold")
-EVAL_SPLITS = ("valid", "test", "valid_cold", "test_cold")
 
 
 @dataclass

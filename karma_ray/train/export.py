@@ -26,7 +26,7 @@ EXPORT_EVAL_EVENTS = 300  # per split: a quick HR/NDCG for the manifest, not the
 
 def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: KarmaConfig, cache=None) -> dict[str, Any]:
     """HR/NDCG@{10,50} through the FAISS index on the test splits: over every cached event when the trunk
-    cache is given (only the top runs), else over a seeded sample of events at full depth."""
+    cache holds the split (only the top runs), else over a seeded sample of events at full depth."""
     from karma_ray.eval.evaluate import SplitEvents, index_metrics
     from karma_ray.models.inference import CachedInputs, TokenInputs, embed
 
@@ -35,8 +35,9 @@ def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: Kar
     for split in ("test", "test_cold"):
         if not (data_dir / f"{split}.parquet").exists():
             continue
-        s = SplitEvents.load(data_dir, split, cfg.eval if cache is not None else sample)
-        batches = (CachedInputs(cache, 32).interests(split, by_length=True) if cache is not None else
+        cached = cache is not None and split in cache.eval_splits
+        s = SplitEvents.load(data_dir, split, cfg.eval if cached else sample)
+        batches = (CachedInputs(cache, 32).interests(split, by_length=True) if cached else
                    TokenInputs(builder, 32).interests([q or "" for q in s.events.column("query").to_pylist()], s.histories))
         out.update(index_metrics(index, embed(model, batches, "interest"), s.events, prefix=f"{split}/"))
     return out

@@ -73,3 +73,28 @@ def test_train_rows_are_the_first_rows_by_key(ray_cluster, tiny_cfg):
     first = cache.train_rows(5)
     assert first["key"].to_pylist() == list(range(5))
     assert first.equals(everything.slice(0, 5).select(first.column_names))
+
+
+
+def test_a_cache_of_some_evaluation_splits_holds_only_those_and_names_what_is_missing(ray_cluster, tiny_cfg, tmp_path):
+    """data.cache_eval_splits leaves prompts out of the cache (the demo caches only what export scores); the
+    key names the splits only when some are left out, so a cache of all four keeps its key."""
+    import json
+
+    import pytest
+
+    from karma_ray.cache.build import _inputs, cache_location, ensure_cache
+    from karma_ray.cache.store import TrunkCache
+
+    full = ensure_cache(tiny_cfg, progress=False)
+    assert "splits" not in full.key["eval"] and set(full.eval_splits) == {"valid", "test", "valid_cold", "test_cold"}
+    cfg = tiny_cfg.with_overrides(["data.cache_eval_splits=test,test_cold"])
+    key, root = cache_location(cfg)
+    assert root.name != full.root.name and key["eval"]["splits"] == ["test", "test_cold"]
+    kinds = set(_inputs(cfg, cfg.data_dir)["kind"].to_pylist())  # the rows a build would run through the trunk
+    assert kinds == {"items", "train", "eval_test", "eval_test_cold"}
+    (tmp_path / "key.json").write_text(json.dumps(key))
+    with pytest.raises(ValueError, match="holds no 'valid' prompts.*data.cache_eval_splits"):
+        TrunkCache(tmp_path).eval_split("valid")
+    with pytest.raises(ValueError, match="add valid to data.cache_eval_splits"):
+        cfg.with_overrides(["train.valid_every=2"])
