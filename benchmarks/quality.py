@@ -1,6 +1,6 @@
 """The Knowledge–Action Gap on real data: every arm on the same `cold`-protocol split and budget.
 
-  python benchmarks/quality.py --preset ml100k                 # every arm; 3.5 h on 2 cores (cache 30 min of it)
+  python benchmarks/quality.py --preset ml100k                 # every arm; 3.7 h on 2 cores last time (cache: 30 min)
   python benchmarks/quality.py --arms karma --seeds 0,1,2      # one part; merges with the parts already run
   python benchmarks/quality.py --merge-only                    # rebuild quality.{json,md} and plots from parts
   python benchmarks/quality.py --smoke                         # tiny random model: checks the wiring
