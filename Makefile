@@ -10,7 +10,7 @@ DEV_STAMP = $(VENV)/.installed-dev
 
 .PHONY: install install-dev prometheus demo test test-unit test-integration bench serve clean
 
-# uv with pip's configuration (tools/uv_pip.py): a fresh venv in ~25 s against ~80 s with pip.
+# uv with pip's configuration (tools/uv_pip.py): a fresh venv in ~35 s against ~85 s with pip.
 UV_PIP  = $(PY) tools/uv_pip.py
 
 # What training, serving and the demo need.
