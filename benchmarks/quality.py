@@ -114,6 +114,7 @@ def _backbone_dir(cfg) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from karma_ray.allocator import allocator_in_use
     from karma_ray.data.prepare import ensure_prepared
     from karma_ray.eval.quality import ARMS, Context, merge, run_arm
     from karma_ray.runtime import ensure_ray
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 if arm not in ("popularity", "sasrec", "frozen"):
                     ensure_ray()
                 metrics = run_arm(ctx, arm, seed)
-                path.write_text(json.dumps({"arm": arm, "seed": seed, "fingerprint": fp, "metrics": metrics}, default=str))
+                path.write_text(json.dumps({"arm": arm, "seed": seed, "fingerprint": fp, "malloc": allocator_in_use(),
+                                            "metrics": metrics}, default=str))
                 print(f"   {arm} s{seed}: {json.dumps(metrics['summary'])} ({metrics['seconds']} s)", flush=True)
     parts = [p for p in (json.loads(f.read_text()) for f in sorted(parts_dir.glob("*.json"))) if p.get("fingerprint") == fp]
     if not parts:
@@ -320,4 +322,7 @@ def plots(r: dict[str, Any], out: Path, stem: str) -> None:
 
 
 if __name__ == "__main__":
+    from karma_ray.allocator import reexec_with_fast_allocator
+
+    reexec_with_fast_allocator()  # this process evaluates and exports on CPU
     sys.exit(main())

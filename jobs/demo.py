@@ -130,4 +130,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from karma_ray.allocator import reexec_with_fast_allocator
+
+    reexec_with_fast_allocator()  # this process evaluates and exports on CPU
     sys.exit(main())

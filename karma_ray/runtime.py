@@ -9,17 +9,20 @@ from typing import Any
 
 import ray
 
+from karma_ray.allocator import fast_allocator_env
+
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker needs: the repo on PYTHONPATH (workers don't see the driver's
-    sys.path) and this process's auth mode."""
+    sys.path), this process's auth mode, and the fast allocator where the machine has it (the train
+    workers and the cache build's actors do the heavy CPU work)."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     if os.environ.get("RAY_AUTH_MODE"):
         env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
-    return env
+    return env | fast_allocator_env()
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: float | None = None, metrics_port: int | None = None,

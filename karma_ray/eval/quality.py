@@ -102,6 +102,7 @@ def _frozen(ctx: Context) -> dict[str, Any]:
 
 
 def _trained(ctx: Context, arm: str, seed: int, log) -> dict[str, Any]:
+    from karma_ray.allocator import allocator_in_use
     from karma_ray.train.run import run_with_history
 
     cfg = arm_config(ctx.cfg, arm, seed)
@@ -124,7 +125,8 @@ def _trained(ctx: Context, arm: str, seed: int, log) -> dict[str, Any]:
         "loss_history": [{k: r.get(k) for k in ("step", "act", "gen", "rec", "sink_rate")} for r in history],
         "update_shares": [{k: v for k, v in r.items() if k.startswith("update_")} for r in history
                           if "update_share_step" in r],
-        "train_time": train_time(history, train_s)}
+        "train_time": train_time(history, train_s),
+        "malloc": {"train_worker": first.get("malloc"), "driver": allocator_in_use()}}
 
 
 def train_time(history: list[dict[str, Any]], train_s: float) -> dict[str, float]:
@@ -224,7 +226,9 @@ def merge(parts: list[dict[str, Any]], ctx: Context, budget: dict[str, Any]) -> 
     pairs = paired(raw, ctx.splits, ctx.cfg.eval.n_boot, ctx.cfg.eval.seed)
     l_gen = next((m["step0_losses"].get("gen") for s, m in sorted(raw.get("karma", {}).items()) if m.get("step0_losses")), None)
     budget = budget | {"l_gen_step0": l_gen, "arm_seconds": {f"{p['arm']}-s{p['seed']}": p["metrics"]["seconds"] for p in parts},
-                       "rows_per_arm": {a: arms[a]["training_rows"] for a in arms}}
+                       "rows_per_arm": {a: arms[a]["training_rows"] for a in arms},
+                       # the allocator each part ran with (karma_ray.allocator): it moves the seconds, not the metrics
+                       "malloc_by_part": {f"{p['arm']}-s{p['seed']}": p.get("malloc", "system") for p in parts}}
     meta = json.loads((ctx.data_dir / "meta.json").read_text())
     return {"protocol": ctx.cfg.eval.protocol, "budget": budget,
             "data": {"dataset": meta.get("dataset"), "path": str(ctx.data_dir), "data_hash": meta.get("data_hash"),

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from karma_ray.allocator import allocator_in_use
 from karma_ray.config import KarmaConfig
 from karma_ray.eval.attention import interest_row_concentration, sink_rates
 from karma_ray.models.karma import KarmaModel, build_model
@@ -366,7 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 3. Parallelism (DDP or FSDP2), then the optimiser over the parameters it left, and the schedule.
     model.train()  # the readout statistics above ran the model in eval mode
     ddp_model = parallelize(model, cfg, device)
-    reading.update(_parameter_counts(model, ddp_model))
+    reading.update(_parameter_counts(model, ddp_model), malloc=allocator_in_use())
     opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     if optim is not None:

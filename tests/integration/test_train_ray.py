@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+from karma_ray.allocator import fast_allocator_env
 from karma_ray.artifact.layout import REQUIRED_FILES
 from karma_ray.artifact.reader import load_artifact
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.integration
 def test_ddp_two_workers_report_each_loss_and_they_fall(tiny_run):
     _, reports = tiny_run
     assert reports and all(r["world_size"] == 2 for r in reports)
+    assert reports[0]["malloc"] == ("tcmalloc" if fast_allocator_env() else "system")  # named in every worker's env
     assert reports[0]["gen_step0"] > 0 and "act_step0" in reports[0]  # every loss before the first update
     for key in ("loss", "act", "gen", "rec", "img", "tokens_per_s", "data_wait_frac"):
         assert all(math.isfinite(r[key]) for r in reports), key
