@@ -115,19 +115,30 @@ def ray_cluster(ray_metrics_port, s3_env):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_cluster, tiny_cfg):
+def tiny_run_cfg(tiny_cfg):
+    """The config of `tiny_run`. lr=1e-2: the tiny random model's tied LM head is frozen and near-uniform
+    (L_gen ≈ ln V), so at the preset's 1e-3 ten steps move L_gen by ~0.04 nats, the size of the batch-to-batch
+    noise."""
+    return tiny_cfg.with_overrides(["train.num_workers=2", "train.max_steps=10", "train.log_every=2",
+                                    "train.checkpoint_every=5", "train.batch_size=4", "train.probe_every=4",
+                                    "train.lr=1e-2"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_cluster, tiny_run_cfg):
     """One real 2-worker DDP training run (gloo) → artifact; shared by every test that needs one.
 
     Returns (artifact_dir, reports) where reports are the rank-0 `ray.train.report` dicts.
-    lr=1e-2: the tiny random model's tied LM head is frozen and near-uniform (L_gen ≈ ln V), so at the
-    preset's 1e-3 ten steps move L_gen by ~0.04 nats, the size of the batch-to-batch noise.
     """
     from karma_ray.train.run import run_with_history
 
-    cfg = tiny_cfg.with_overrides(["train.num_workers=2", "train.max_steps=10", "train.log_every=2",
-                                   "train.checkpoint_every=5", "train.batch_size=4", "train.probe_every=4",
-                                   "train.lr=1e-2"])
-    return run_with_history(cfg, run_name="tiny-ddp", show_progress=False)
+    return run_with_history(tiny_run_cfg, run_name="tiny-ddp", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_run, tiny_run_cfg) -> Path:
+    """Ray Train's directory of `tiny_run` (its checkpoints): the killed-worker drill's unbroken run."""
+    return Path(tiny_run_cfg.train.storage_path) / "tiny-ddp"
 
 
 @pytest.fixture(scope="session")

@@ -90,20 +90,42 @@ class ResumeDrill:
                 "seconds": round(self.seconds, 1)}
 
 
-def resume_drill(cfg: KarmaConfig, storage: Path, timeout_s: float = 500.0) -> ResumeDrill:
-    """Train `cfg` twice under `storage`: once unbroken, once with every train worker SIGKILLed as soon as
-    the first checkpoint is registered. Ray Train restarts the workers from that checkpoint (weights,
-    optimiser, RNG, position in the seeded data order), so both runs must end at the same place; what
-    differs is float summation order only. Needs `train.max_failures >= 1` and a running Ray."""
+def resume_drill(cfg: KarmaConfig, storage: Path, timeout_s: float = 500.0,
+                 unbroken_run: Path | None = None) -> ResumeDrill:
+    """Train `cfg` with every train worker SIGKILLed as soon as its first checkpoint is registered, and
+    compare its end with the same config's unbroken run. Ray Train restarts the workers from that checkpoint
+    (weights, optimiser, RNG, position in the seeded data order), so both runs must end at the same place;
+    what differs is float summation order only. Needs `train.max_failures >= 1` and a running Ray.
+
+    The unbroken run is trained here under `storage`, or is `unbroken_run`: the directory of a finished run
+    of this very config (max_failures aside), e.g. one a test session trained already. Both train from the
+    trunk cache when the config has one, as `jobs/train.py` does.
+    """
+    from ray.train import Checkpoint
+
     from karma_ray.train.trainer import fit
 
     if cfg.train.max_failures < 1:
         raise ValueError("resume_drill needs train.max_failures >= 1 (a killed run could not restart)")
     t0 = time.time()
     cfg = cfg.with_overrides([f"train.storage_path={storage}"])
-    plain, plain_reports = fit(cfg, "unbroken", show_progress=False)
+    cache_root = None
+    if cfg.model.trainable_layers:
+        from karma_ray.cache.build import ensure_cache
+
+        cache_root = str(ensure_cache(cfg, progress=False).root)
+    if unbroken_run is None:
+        plain, plain_reports = fit(cfg, "unbroken", show_progress=False, cache_root=cache_root)
+        loss_unbroken, plain_ckpt = plain_reports[-1]["loss"], plain.checkpoint
+    else:
+        done = registered_checkpoints(unbroken_run)
+        if not done:
+            raise ValueError(f"{unbroken_run} holds no registered checkpoint of a finished run")
+        loss_unbroken = done[-1]["metrics"]["loss"]
+        plain_ckpt = Checkpoint.from_directory(str(Path(unbroken_run) / done[-1]["checkpoint_dir_name"]))
     box: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: box.update(out=fit(cfg, "fault", show_progress=False)), daemon=True)
+    thread = threading.Thread(target=lambda: box.update(out=fit(cfg, "fault", show_progress=False, cache_root=cache_root)),
+                              daemon=True)
     thread.start()
     deadline = time.time() + timeout_s
     while time.time() < deadline and not registered_checkpoints(Path(storage) / "fault"):
@@ -124,6 +146,6 @@ def resume_drill(cfg: KarmaConfig, storage: Path, timeout_s: float = 500.0) -> R
     return ResumeDrill(
         killed_pids=killed, resumed_from_step=[r["resumed_from_step"] for r in reports if r["resumed_from_step"] >= 0],
         final_step=reports[-1]["step"], error=None if result.error is None else str(result.error),
-        loss_unbroken=plain_reports[-1]["loss"], loss_resumed=reports[-1]["loss"],
-        hr10_unbroken=checkpoint_valid_hr(cfg, plain.checkpoint), hr10_resumed=checkpoint_valid_hr(cfg, result.checkpoint),
+        loss_unbroken=loss_unbroken, loss_resumed=reports[-1]["loss"],
+        hr10_unbroken=checkpoint_valid_hr(cfg, plain_ckpt), hr10_resumed=checkpoint_valid_hr(cfg, result.checkpoint),
         n_valid=len(SplitEvents.load(cfg.data_dir, "valid", cfg.eval).targets), seconds=time.time() - t0)

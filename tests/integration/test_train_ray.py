@@ -87,18 +87,19 @@ def test_item_embeddings_exported_from_the_cache_are_what_the_full_depth_model_c
     np.testing.assert_allclose(art.item_emb, full_depth, atol=1e-4)
 
 
-def test_killed_worker_resumes_with_data_order_and_rng_and_ends_where_an_unbroken_run_does(ray_cluster, tiny_cfg, tmp_path):
-    """SIGKILL the training worker after its first checkpoint; Ray Train restarts it from that checkpoint
-    (weights, optimiser, RNG, position in the seeded data order). The same seed run without a kill must
-    end at the same place: the resumed run replays exactly the batches and updates the lost steps made.
-    The tolerance (1e-3 on the loss, one hit in the HR@10 count) only absorbs float summation order."""
+def test_killed_worker_resumes_with_data_order_and_rng_and_ends_where_an_unbroken_run_does(tiny_run_dir, tiny_run_cfg,
+                                                                                           tmp_path):
+    """SIGKILL both DDP workers after their first checkpoint; Ray Train restarts them from that checkpoint
+    (weights, optimiser, RNG, position in the seeded data order). The session's `tiny_run`, the same config
+    without a kill, must end at the same place: the resumed run replays exactly the batches and updates the
+    lost steps made. The tolerance (1e-3 on the loss, one hit in the HR@10 count) only absorbs float
+    summation order."""
     from karma_ray.train.faults import resume_drill
 
-    cfg = tiny_cfg.with_overrides(["train.max_steps=12", "train.log_every=2", "train.checkpoint_every=4",
-                                   "train.max_failures=2", "eval.max_events=60"])
-    drill = resume_drill(cfg, tmp_path)
-    assert drill.killed_pids and drill.error is None and drill.final_step == 12
-    assert drill.resumed_from_step and drill.resumed_from_step[0] >= 4 and drill.resumed_from_step[0] % 4 == 0  # from a checkpoint
+    cfg = tiny_run_cfg.with_overrides(["train.max_failures=2"])
+    drill = resume_drill(cfg, tmp_path, unbroken_run=tiny_run_dir)
+    assert len(drill.killed_pids) == 2 and drill.error is None and drill.final_step == 10
+    assert drill.resumed_from_step and drill.resumed_from_step[0] == 5  # from its checkpoint, not from 0
     assert drill.loss_delta < 1e-3
     assert drill.hr10_delta <= 1 / drill.n_valid + 1e-9
 
