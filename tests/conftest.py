@@ -124,6 +124,9 @@ def tiny_run_cfg(tiny_cfg):
                                     "train.lr=1e-2"])
 
 
+TINY_RUN = "tiny-ddp"  # tiny_run's run name: its checkpoints live under <storage_path>/tiny-ddp
+
+
 @pytest.fixture(scope="session")
 def tiny_run(ray_cluster, tiny_run_cfg):
     """One real 2-worker DDP training run (gloo) → artifact; shared by every test that needs one.
@@ -132,13 +135,13 @@ def tiny_run(ray_cluster, tiny_run_cfg):
     """
     from karma_ray.train.run import run_with_history
 
-    return run_with_history(tiny_run_cfg, run_name="tiny-ddp", show_progress=False)
+    return run_with_history(tiny_run_cfg, run_name=TINY_RUN, show_progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_run_dir(tiny_run, tiny_run_cfg) -> Path:
     """Ray Train's directory of `tiny_run` (its checkpoints): the killed-worker drill's unbroken run."""
-    return Path(tiny_run_cfg.train.storage_path) / "tiny-ddp"
+    return Path(tiny_run_cfg.train.storage_path) / TINY_RUN
 
 
 @pytest.fixture(scope="session")
