@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--malloc", default="system,tcmalloc", help="comma list of allocators: system, tcmalloc")
     p.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over arms × kernels")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over arms × kernels × allocators")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: "arm,attn" measured in this process
