@@ -164,7 +164,8 @@ class TrainConfig:
     sink_alarm_ratio: float = 1.5
     # Every `update_share_every` steps rank 0 splits the optimiser's step by loss: each weighted loss's
     # gradient, scaled the way AdamW scales it (÷ the running RMS), as a share of the whole, per
-    # parameter group, and the cosine of the knowledge losses' steps with L_act's. 0 = off.
+    # parameter group, and the cosine of the knowledge losses' steps with L_act's. 0 = off; off too where
+    # L_act is the only weighted loss (action-only), since a single loss has the whole step.
     update_share_every: int = 0
 
     def __post_init__(self) -> None:

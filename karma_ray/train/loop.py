@@ -255,6 +255,13 @@ def _collapse_reading(model: KarmaModel, probe: dict[str, torch.Tensor], base: d
 
 
 # ---- which loss moves the weights ----------------------------------------------------------
+def weighted_losses(cfg: KarmaConfig) -> dict[str, float]:
+    """The losses that move the weights, with their weights: L_act always, the others where λ > 0."""
+    weights = {"act": 1.0, "gen": cfg.loss.lambda_gen, "rec": cfg.loss.lambda_rec,
+               "img": cfg.loss.lambda_img if cfg.model.image_dim else 0.0}
+    return {k: w for k, w in weights.items() if w > 0}
+
+
 def update_shares(model: KarmaModel, batch: dict[str, torch.Tensor], opt, cfg: KarmaConfig,
                   autocast) -> dict[str, float]:
     """Split the optimiser's step by loss on one batch: u_k = λ_k·∇L_k ÷ (√v̂ + ε), AdamW's per-parameter
@@ -272,8 +279,7 @@ def update_shares(model: KarmaModel, batch: dict[str, torch.Tensor], opt, cfg: K
     with autocast:
         out = model(batch)
     model.train(was)
-    weights = {"act": 1.0, "gen": cfg.loss.lambda_gen, "rec": cfg.loss.lambda_rec, "img": cfg.loss.lambda_img}
-    losses = {k: w * out[k] for k, w in weights.items() if k in out and w > 0}
+    losses = {k: w * out[k] for k, w in weighted_losses(cfg).items() if k in out}
     scaled: dict[str, dict[str, list[torch.Tensor]]] = {}  # loss -> group -> [u of each parameter, flat]
     for k, loss in losses.items():
         grads = torch.autograd.grad(loss, [p for *_, p in named], retain_graph=True, allow_unused=True,
@@ -361,6 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     probe, probe_base, reading = None, state.get("probe_base"), {}  # collapse alarm (rank 0)
     fsdp = cfg.train.strategy == "fsdp"
     validate = bool(cfg.train.valid_every and rank == 0 and inputs.cache is not None and not fsdp)
+    shares_every = cfg.train.update_share_every if len(weighted_losses(cfg)) > 1 else 0  # L_act alone: nothing to split
     if validate and not checkpoint:  # the curve starts at the frozen model's readout (rows seen = 0)
         reading["valid_hr@50_step0"] = inputs.valid_hr(model)
 
@@ -410,7 +417,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 reading.update(_collapse_reading(model, probe, probe_base, cfg.train.sink_alarm_ratio, step))
             if validate and (step % cfg.train.valid_every == 0 or last):
                 reading.update({"valid_hr@50": inputs.valid_hr(model), "valid_step": step})
-            if cfg.train.update_share_every and rank == 0 and not fsdp and step % cfg.train.update_share_every == 0:
+            if shares_every and rank == 0 and not fsdp and step % shares_every == 0:
                 reading.update(update_shares(model, batch, opt, cfg, autocast) | {"update_share_step": step})
             for k in LOSS_KEYS:
                 if k in out:

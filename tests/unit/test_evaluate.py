@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from karma_ray.config import BaselinesConfig, EvalConfig
 from karma_ray.eval.evaluate import exact_ranks, retrieval_report, summarize
-from karma_ray.models.sasrec import SASRec, train_sasrec
+from karma_ray.models.sasrec import SASRec, dropout, train_sasrec
 
 ITEMS = np.array([10, 20, 30, 40, 50])
 
@@ -78,8 +79,17 @@ def test_sasrec_maps_unknown_ids_to_padding():
 def test_sasrec_is_initialised_like_recbole():
     model = SASRec(np.arange(1, 101), BaselinesConfig())
     assert abs(float(model.item.weight.detach().std()) - 0.02) < 0.003  # N(0, 0.02), no √d scaling
-    loss = model.loss([[1, 2, 3]] * 8, [4] * 8)
+    loss = model.loss(*model.sequences([[1, 2, 3]] * 8), model.rows([4] * 8) - 1)
     assert loss.item() < np.log(100) + 0.5  # a fresh model is near uniform, not far above it
+
+
+def test_sasrec_dropout_has_nn_dropouts_distribution():
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = dropout(x, 0.5, training=True)
+    assert abs(float((y == 0).float().mean()) - 0.5) < 0.01 and abs(float(y.mean()) - 1.0) < 0.01
+    assert set(y.unique().tolist()) == {0.0, 2.0}
+    assert dropout(x, 0.5, training=False) is x
 
 
 def test_sasrec_stops_early_on_validation_and_keeps_the_best_epoch():
