@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import statistics
@@ -278,6 +279,7 @@ def plots(r: dict[str, Any], out: Path, stem: str) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    seen: list[int] = []
     for arm, seeds in details.items():
         for s, m in seeds.items():
             lc = m.get("learning_curve") or []
@@ -285,13 +287,15 @@ def plots(r: dict[str, Any], out: Path, stem: str) -> None:
                 x = [p["rows_seen"] for p in lc]
                 y = [p.get("valid_hr@50") for p in lc]
                 ax.plot(x, y, marker=".", label=f"{arm} s{s}", alpha=0.8)
+                seen += x
     pop = r["arms"].get("popularity", {}).get("valid", {}).get("hr@50")
     if pop:
         ax.axhline(pop, color="grey", ls="--", label="popularity")
-    # SASRec sees ~100x the LM arms' rows; symlog keeps both readable (and the LM arms' step-0 point at 0).
-    ax.set_xscale("symlog", linthresh=1000)
+    # SASRec sees ~100x the LM arms' rows: linear up to the first reading, logarithmic beyond, so both read.
+    first = min((x for x in seen if x > 0), default=1000)
+    ax.set_xscale("symlog", linthresh=first)
     ax.set_xlim(left=0)
-    ax.set_xticks([0] + [10.0 ** e for e in range(3, 8) if 10.0 ** (e - 1) < ax.get_xlim()[1]])
+    ax.set_xticks([0] + [10.0 ** e for e in range(math.floor(math.log10(first)) + 1, 8) if 10.0 ** (e - 1) < max(seen, default=1)])
     ax.set(xlabel="training rows seen", ylabel="validation HR@50", title="learning curves (validation)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
