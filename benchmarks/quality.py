@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import statistics
@@ -295,7 +294,6 @@ def plots(r: dict[str, Any], out: Path, stem: str) -> None:
     first = min((x for x in seen if x > 0), default=1000)
     ax.set_xscale("symlog", linthresh=first)
     ax.set_xlim(left=0)
-    ax.set_xticks([0] + [10.0 ** e for e in range(math.floor(math.log10(first)) + 1, 8) if 10.0 ** (e - 1) < max(seen, default=1)])
     ax.set(xlabel="training rows seen", ylabel="validation HR@50", title="learning curves (validation)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
