@@ -58,11 +58,14 @@ class CachedInputs:
                 out["image"] = torch.from_numpy(self.image[r.numpy()])
             yield out
 
-    def interests(self, split: str, by_length: bool = False) -> Iterator[Inputs]:
-        """The split's cached prompts in event order, or with `by_length` in batches of similar length (see
-        `state_batches`; `embed` puts the rows back in event order)."""
+    def interests(self, split: str, by_length: bool = False, events: np.ndarray | None = None) -> Iterator[Inputs]:
+        """The split's cached prompts in event order (only the event positions `events`, when given), or with
+        `by_length` in batches of similar length (see `state_batches`; `embed` puts the rows back in order)."""
         part = self.cache.eval_split(split)
-        return state_batches(part["blobs"], part["length"], part["pos"], self.cache.dtype, self.batch_size, by_length)
+        blobs, lengths, pos = part["blobs"], part["length"], part["pos"]
+        if events is not None:
+            blobs, lengths, pos = [blobs[i] for i in events], lengths[events], pos[events]
+        return state_batches(blobs, lengths, pos, self.cache.dtype, self.batch_size, by_length)
 
 
 def state_batches(blobs: list[bytes], lengths: np.ndarray, pos: np.ndarray, dtype: str, batch_size: int,

@@ -25,8 +25,9 @@ EXPORT_EVAL_EVENTS = 300  # per split: a quick HR/NDCG for the manifest, not the
 
 
 def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: KarmaConfig, cache=None) -> dict[str, Any]:
-    """HR/NDCG@{10,50} through the FAISS index on the test splits: over every cached event when the trunk
-    cache holds the split (only the top runs), else over a seeded sample of events at full depth."""
+    """HR/NDCG@{10,50} through the FAISS index on a seeded sample of each test split's events: a sanity
+    figure for the manifest, not the protocol (`jobs/evaluate.py` and `benchmarks/quality.py` run that).
+    From the trunk cache where it holds the split (only the top layers run), else at full depth."""
     from karma_ray.eval.evaluate import SplitEvents, index_metrics
     from karma_ray.models.inference import CachedInputs, TokenInputs, embed
 
@@ -35,11 +36,17 @@ def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: Kar
     for split in ("test", "test_cold"):
         if not (data_dir / f"{split}.parquet").exists():
             continue
-        cached = cache is not None and split in cache.eval_splits
-        s = SplitEvents.load(data_dir, split, cfg.eval if cached else sample)
-        batches = (CachedInputs(cache, 32).interests(split, by_length=True) if cached else
-                   TokenInputs(builder, 32).interests([q or "" for q in s.events.column("query").to_pylist()], s.histories))
-        out.update(index_metrics(index, embed(model, batches, "interest"), s.events, prefix=f"{split}/"))
+        if cache is not None and split in cache.eval_splits:
+            s = SplitEvents.load(data_dir, split, cfg.eval)  # the events the cache holds, in its order
+            n = s.events.num_rows
+            rows = np.sort(np.random.default_rng(cfg.eval.seed).choice(n, min(n, EXPORT_EVAL_EVENTS), replace=False))
+            events = s.events.take(rows)
+            batches = CachedInputs(cache, 32).interests(split, by_length=True, events=rows)
+        else:
+            events = SplitEvents.load(data_dir, split, sample).events
+            batches = TokenInputs(builder, 32).interests([q or "" for q in events.column("query").to_pylist()],
+                                                         events.column("history").to_pylist())
+        out.update(index_metrics(index, embed(model, batches, "interest"), events, prefix=f"{split}/"))
     return out
 
 
