@@ -98,3 +98,22 @@ def test_a_cache_of_some_evaluation_splits_holds_only_those_and_names_what_is_mi
         TrunkCache(tmp_path).eval_split("valid")
     with pytest.raises(ValueError, match="add valid to data.cache_eval_splits"):
         cfg.with_overrides(["train.valid_every=2"])
+
+
+def test_cached_interests_of_some_events_are_those_events_rows(ray_cluster, tiny_cfg):
+    """CachedInputs.interests(events=…) (export's sample for the manifest) yields exactly those events' cached
+    prompts, in the order given, as the full split would for the same positions."""
+    import numpy as np
+    import torch
+
+    from karma_ray.cache.build import ensure_cache
+    from karma_ray.models.inference import CachedInputs
+
+    cache = ensure_cache(tiny_cfg, progress=False)
+    every = list(CachedInputs(cache, 1000).interests("test"))[0]
+    n = len(every["pos"])
+    events = np.array([n - 1, 0, n // 2])
+    (some,) = list(CachedInputs(cache, 1000).interests("test", events=events))
+    width = int(some["mask"].sum(1).max())
+    torch.testing.assert_close(some["states"], every["states"][events, :width], rtol=0, atol=0)
+    assert torch.equal(some["mask"], every["mask"][events, :width]) and torch.equal(some["pos"], every["pos"][events])
