@@ -30,6 +30,13 @@ def train_targets(data_dir: str | Path) -> np.ndarray:
     return table.column("target").to_numpy()
 
 
+def sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded sample of `max_rows` of n rows (all n when max_rows is 0 or ≥ n)."""
+    if not max_rows or n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
 def load_events(data_dir: str | Path, split: str, max_events: int = 0, seed: int = 0) -> pa.Table:
     """One evaluation split; with `max_events`, a seeded sample of that many events (same seed -> same rows)."""
     path = Path(data_dir) / f"{split}.parquet"
@@ -37,8 +44,7 @@ def load_events(data_dir: str | Path, split: str, max_events: int = 0, seed: int
         raise FileNotFoundError(f"no {split} events at {path}; prepare the data with jobs/prepare_data.py")
     table = read_table(path, EVENTS_SCHEMA, split)
     if max_events and table.num_rows > max_events:
-        rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_events, replace=False))
-        table = table.take(pa.array(rows))
+        table = table.take(pa.array(sample_rows(table.num_rows, max_events, seed)))
     return table
 
 

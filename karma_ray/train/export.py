@@ -16,7 +16,7 @@ from karma_ray.artifact.faiss_index import build_faiss, build_shards
 from karma_ray.artifact.writer import write_artifact
 from karma_ray.config import KarmaConfig
 from karma_ray.data.catalog import ItemCatalog
-from karma_ray.data.events import load_items
+from karma_ray.data.events import load_items, sample_rows
 from karma_ray.data.prompts import PromptBuilder
 from karma_ray.models.inference import embed_items
 from karma_ray.models.karma import build_model
@@ -38,8 +38,7 @@ def quick_metrics(model, builder: PromptBuilder, index, data_dir: Path, cfg: Kar
             continue
         if cache is not None and split in cache.eval_splits:
             s = SplitEvents.load(data_dir, split, cfg.eval)  # the events the cache holds, in its order
-            n = s.events.num_rows
-            rows = np.sort(np.random.default_rng(cfg.eval.seed).choice(n, min(n, EXPORT_EVAL_EVENTS), replace=False))
+            rows = sample_rows(s.events.num_rows, EXPORT_EVAL_EVENTS, cfg.eval.seed)
             events = s.events.take(rows)
             batches = CachedInputs(cache, 32).interests(split, by_length=True, events=rows)
         else:
