@@ -130,15 +130,20 @@ def _trained(ctx: Context, arm: str, seed: int, log) -> dict[str, Any]:
 
 
 def train_time(history: list[dict[str, Any]], train_s: float) -> dict[str, float]:
-    """Where an arm's training seconds went: optimiser steps alone, the loop (steps plus validation, probes
-    and checkpoints), and the rest (Ray start-up, model load, export of the artifact)."""
+    """Where an arm's training seconds went: optimiser steps alone, the loop (steps plus data waits,
+    validation, probes and update shares), the rest (Ray start-up, model load, readout start, checkpoints,
+    export of the artifact), and the worker's own seconds by phase (`loop.PhaseClock`)."""
     steps = loop = 0.0
     prev = 0
+    spent: dict[str, float] = {}  # the worker's seconds by phase besides optimiser steps (loop.PhaseClock)
     for r in history:
         if "step" in r and "step_s" in r:
             n = r["step"] - prev
             steps, loop, prev = steps + r.get("optim_step_s", 0.0) * n, loop + r["step_s"] * n, r["step"]
-    return {"optimizer_steps_s": round(steps, 1), "loop_s": round(loop, 1), "outside_loop_s": round(train_s - loop, 1)}
+        for phase, s in ((k.removeprefix("spent_").removesuffix("_s"), v) for k, v in r.items() if k.startswith("spent_")):
+            spent[phase] = spent.get(phase, 0.0) + s
+    return {"optimizer_steps_s": round(steps, 1), "loop_s": round(loop, 1), "outside_loop_s": round(train_s - loop, 1),
+            "worker_phases_s": {k: round(v, 1) for k, v in sorted(spent.items())}}
 
 
 # ---- merging parts ---------------------------------------------------------------------------

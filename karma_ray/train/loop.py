@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -302,6 +303,27 @@ def update_shares(model: KarmaModel, batch: dict[str, torch.Tensor], opt, cfg: K
 
 
 # ---- the loop ------------------------------------------------------------------------------
+class PhaseClock:
+    """Seconds a worker spends outside the optimiser step, by phase (start-up, validation, probes, update
+    shares, checkpoints), reported as `spent_<phase>_s`: why a run took as long as it did."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - t
+
+    def take(self) -> dict[str, float]:
+        """The seconds since the last take, as report metrics."""
+        out, self.spent = {f"spent_{k}_s": v for k, v in self.spent.items()}, {}
+        return out
+
+
 def train_step(ddp_model, model: KarmaModel, batch: dict[str, torch.Tensor], opt, sched, cfg: KarmaConfig,
                autocast) -> dict[str, torch.Tensor]:
     """One optimiser step: forward (every loss) → backward → clip the trainable weights → step."""
@@ -348,20 +370,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)  # Ray pins fractional-CPU workers to 1 thread
     device = ray.train.torch.get_device()
+    clock = PhaseClock()
 
     # 1. Model and inputs.
-    model, tok = build_model(cfg.model, cfg.loss)
-    inputs = WorkerInputs(cfg, config.get("cache_root"), tok)
+    with clock("startup_model"):
+        model, tok = build_model(cfg.model, cfg.loss)
+        inputs = WorkerInputs(cfg, config.get("cache_root"), tok)
 
     # 2. Resume from the latest checkpoint (weights, optimiser, RNG, position in the data), or start
     #    from what the frozen model knows (identity readout centred on the data).
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     checkpoint, optim = ray.train.get_checkpoint(), None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            optim, state = load_checkpoint(model, Path(d))
-    else:
-        model.init_readout(*inputs.readout_statistics(model))
+    with clock("startup_readout"):
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                optim, state = load_checkpoint(model, Path(d))
+        else:
+            model.init_readout(*inputs.readout_statistics(model))
     model.to(device)
     step, resumed_from = int(state["step"]), int(state["step"]) if checkpoint else -1
     probe, probe_base, reading = None, state.get("probe_base"), {}  # collapse alarm (rank 0)
@@ -369,7 +394,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validate = bool(cfg.train.valid_every and rank == 0 and inputs.cache is not None and not fsdp)
     shares_every = cfg.train.update_share_every if len(weighted_losses(cfg)) > 1 else 0  # L_act alone: nothing to split
     if validate and not checkpoint:  # the curve starts at the frozen model's readout (rows seen = 0)
-        reading["valid_hr@50_step0"] = inputs.valid_hr(model)
+        with clock("valid"):
+            reading["valid_hr@50_step0"] = inputs.valid_hr(model)
 
     # 3. Parallelism (DDP or FSDP2), then the optimiser over the parameters it left, and the schedule.
     model.train()  # the readout statistics above ran the model in eval mode
@@ -402,9 +428,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if cfg.train.probe_every and rank == 0 and probe is None and not fsdp:
                 probe = probe_batch(batch, cfg.train.probe_prompts)
                 if probe_base is None:  # before the first update: the frozen model's reading
-                    probe_base = probe_collapse(model, probe)
+                    with clock("probe"):
+                        probe_base = probe_collapse(model, probe)
             if step == 0:  # every loss before the first update (e.g. L_gen of the untouched LM)
-                with torch.no_grad(), autocast:
+                with clock("step0_losses"), torch.no_grad(), autocast:
                     reading.update({f"{k}_step0": float(v) for k, v in ddp_model(batch).items()})
 
             t_optim = time.perf_counter()
@@ -414,11 +441,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             n_steps += 1
             last = step >= cfg.train.max_steps
             if probe is not None and (step % cfg.train.probe_every == 0 or last):
-                reading.update(_collapse_reading(model, probe, probe_base, cfg.train.sink_alarm_ratio, step))
+                with clock("probe"):
+                    reading.update(_collapse_reading(model, probe, probe_base, cfg.train.sink_alarm_ratio, step))
             if validate and (step % cfg.train.valid_every == 0 or last):
-                reading.update({"valid_hr@50": inputs.valid_hr(model), "valid_step": step})
+                with clock("valid"):
+                    reading.update({"valid_hr@50": inputs.valid_hr(model), "valid_step": step})
             if shares_every and rank == 0 and not fsdp and step % shares_every == 0:
-                reading.update(update_shares(model, batch, opt, cfg, autocast) | {"update_share_step": step})
+                with clock("update_shares"):
+                    reading.update(update_shares(model, batch, opt, cfg, autocast) | {"update_share_step": step})
             for k in LOSS_KEYS:
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach())
@@ -437,11 +467,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if reading:  # the latest probe reading rides on the next report
                     metrics.update(reading)
                     reading = {}
+                metrics.update(clock.take())  # this report's checkpoint is timed in the next one
                 state = {"step": step, "epoch": epoch, "batch_in_epoch": seen, "seed": cfg.train.seed}
                 if probe_base:
                     state["probe_base"] = probe_base
-                _report(metrics, model, opt, sched, state, rank, cfg,
-                        with_checkpoint=step % cfg.train.checkpoint_every == 0 or last)
+                with clock("report"):
+                    _report(metrics, model, opt, sched, state, rank, cfg,
+                            with_checkpoint=step % cfg.train.checkpoint_every == 0 or last)
                 sums, wait_s, busy_s, optim_s, tokens, n_steps, t_last = {}, 0.0, 0.0, 0.0, 0, 0, time.perf_counter()
             if last:
                 return

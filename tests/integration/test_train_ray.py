@@ -20,6 +20,8 @@ def test_ddp_two_workers_report_each_loss_and_they_fall(tiny_run):
     assert reports and all(r["world_size"] == 2 for r in reports)
     assert reports[0]["malloc"] == ("tcmalloc" if fast_allocator_env() else "system")  # named in every worker's env
     assert reports[0]["gen_step0"] > 0 and "act_step0" in reports[0]  # every loss before the first update
+    assert reports[0]["spent_startup_model_s"] > 0 and reports[0]["spent_startup_readout_s"] > 0
+    assert any(r.get("spent_report_s", 0) > 0 for r in reports[1:])  # the checkpoint of the report before
     for key in ("loss", "act", "gen", "rec", "img", "tokens_per_s", "data_wait_frac"):
         assert all(math.isfinite(r[key]) for r in reports), key
     first, last = reports[0], reports[-1]

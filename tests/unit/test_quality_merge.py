@@ -45,6 +45,9 @@ def test_aggregate_averages_seeds_and_records_their_spread():
 
 def test_train_time_splits_an_arms_seconds_into_steps_loop_and_the_rest():
     # reports at steps 25 and 50; the second interval carries a validation pass (step_s well above optim_step_s)
-    history = [{"step": 25, "step_s": 1.0, "optim_step_s": 0.8}, {"valid_hr@50_step0": 0.1},
-               {"step": 50, "step_s": 2.0, "optim_step_s": 0.8}]
-    assert train_time(history, train_s=100.0) == {"optimizer_steps_s": 40.0, "loop_s": 75.0, "outside_loop_s": 25.0}
+    history = [{"step": 25, "step_s": 1.0, "optim_step_s": 0.8, "spent_startup_model_s": 2.0, "spent_valid_s": 3.0},
+               {"valid_hr@50_step0": 0.1},
+               {"step": 50, "step_s": 2.0, "optim_step_s": 0.8, "spent_valid_s": 4.5, "spent_report_s": 0.25}]
+    assert train_time(history, train_s=100.0) == {
+        "optimizer_steps_s": 40.0, "loop_s": 75.0, "outside_loop_s": 25.0,
+        "worker_phases_s": {"report": 0.2, "startup_model": 2.0, "valid": 7.5}}
