@@ -23,6 +23,7 @@ import numpy as np
 
 from karma_ray.config import IndexConfig
 from karma_ray.data.catalog import ItemCatalog
+from karma_ray.data.events import sample_rows
 
 MIN_POINTS_PER_CELL = 39  # FAISS warns below this many training points per IVF cell
 TRAIN_POINTS_PER_CELL = 40  # k-means sample per cell, just above FAISS's minimum: the sample sets the training cost
@@ -102,10 +103,7 @@ def set_search_knobs(index, nprobe: int | None = None, ef_search: int | None = N
 def _training_sample(emb: np.ndarray, base: faiss.Index, seed: int) -> np.ndarray:
     nlist = getattr(core_index(base), "nlist", 1)
     cap = max(TRAIN_POINTS_PER_CELL * nlist, 256 * 64)  # PQ codebooks want >= 256 points per code too
-    if len(emb) <= cap:
-        return emb
-    rows = np.sort(np.random.default_rng(seed).choice(len(emb), cap, replace=False))
-    return emb[rows]
+    return emb if len(emb) <= cap else emb[sample_rows(len(emb), cap, seed)]
 
 
 def shard_of(item_ids: np.ndarray, shards: int) -> np.ndarray:
